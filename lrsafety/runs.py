@@ -1,0 +1,110 @@
+"""The run folder: where each notebook writes its tables, figures and artifacts.
+
+A run folder ``DIR`` (one per model, e.g. ``runs/tiny-qwen2``) holds the executed notebooks,
+``manifest.json`` and these subfolders::
+
+    tables/        CSV tables (data_counts.csv, separability.csv, ...)
+    figures/       every figure as PNG and SVG
+    activations/   one safetensors file per (language, subset, split) cell
+    directions/    harmfulness directions with their metadata
+    gates/         fitted recalibration gates (safetensors + JSON)
+    completions/   generated completions (JSONL)
+
+Every file is written atomically (a temporary sibling, then a rename), so an interrupted run
+never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SUBFOLDERS = ("tables", "figures", "activations", "directions", "gates", "completions")
+
+
+class RunDir:
+    """Paths inside one run folder; subfolders are created on first use."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def _sub(self, name: str) -> Path:
+        folder = self.path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @property
+    def tables(self) -> Path:
+        return self._sub("tables")
+
+    @property
+    def figures(self) -> Path:
+        return self._sub("figures")
+
+    @property
+    def activations(self) -> Path:
+        return self._sub("activations")
+
+    @property
+    def directions(self) -> Path:
+        return self._sub("directions")
+
+    @property
+    def gates(self) -> Path:
+        return self._sub("gates")
+
+    @property
+    def completions(self) -> Path:
+        return self._sub("completions")
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def model_info(self) -> dict[str, Any]:
+        """Return the model spec recorded by the runner or by notebook 00 (empty if none)."""
+        path = self.path / "model.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, target)
+    finally:
+        if temporary_path.exists():
+            temporary_path.unlink()
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Write a text file atomically and return its path."""
+    with atomic_path(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | Path, payload: Any) -> Path:
+    """Write JSON atomically (UTF-8, indented, keys in insertion order) and return its path."""
+    return write_text(target, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_table(table, target: str | Path) -> Path:
+    """Write a pandas DataFrame as CSV atomically and return its path."""
+    with atomic_path(target) as temporary:
+        table.to_csv(temporary, index=False)
+    return Path(target)
