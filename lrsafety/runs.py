@@ -108,3 +108,24 @@ def write_table(table, target: str | Path) -> Path:
     with atomic_path(target) as temporary:
         table.to_csv(temporary, index=False)
     return Path(target)
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """Return the nearest folder at or above ``start`` (default: the working directory) holding
+    ``_quarto.yml`` or ``pyproject.toml``; fall back to ``start`` itself.
+
+    Notebooks run with the project root as working directory under ``lrsafety run`` and plain
+    ``papermill``, but with ``notebooks/`` as working directory in JupyterLab; resolving relative
+    paths against the project root makes both work.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_quarto.yml").is_file() or (folder / "pyproject.toml").is_file():
+            return folder
+    return here
+
+
+def project_path(path: str | Path) -> Path:
+    """Resolve a notebook path parameter: absolute paths stay, relative ones join the project root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path
