@@ -199,6 +199,45 @@ def load_model(
     return loaded
 
 
+def describe_model(name: str) -> dict[str, Any]:
+    """Describe a model without loading its weights (for ``model.json`` in the run folder).
+
+    Reads only the config; when it cannot be read (a Hub model on an offline machine), the
+    preset's facts are returned and ``n_layers``/``d_model`` are None.
+    """
+    from transformers import AutoConfig
+
+    preset = resolve_preset(name)
+    if preset is not None and preset.is_standin:
+        source = str(standins.build_standin(preset.name))
+    elif preset is not None:
+        source = preset.hub_id
+    else:
+        source = _check_source(name)
+    description: dict[str, Any] = {
+        "name": preset.name if preset else name,
+        "source": source,
+        "family": preset.family if preset else None,
+        "n_layers": None,
+        "d_model": None,
+        "paper_layer": preset.paper_layer if preset else None,
+        "dtype": preset.dtype if preset else None,
+        "is_standin": bool(preset and preset.is_standin),
+        "standin_warning": standins.STANDIN_WARNING if preset and preset.is_standin else None,
+    }
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        logger.info("Config of %s not readable here (%s); describing it from the preset only", name, error)
+        return description
+    description["family"] = _FAMILY_BY_MODEL_TYPE.get(config.model_type, config.model_type)
+    description["n_layers"] = int(config.num_hidden_layers)
+    description["d_model"] = int(config.hidden_size)
+    if description["paper_layer"] is None:
+        description["paper_layer"] = description["n_layers"] // 2
+    return description
+
+
 def _check_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
