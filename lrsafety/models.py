@@ -202,8 +202,9 @@ def load_model(
 def describe_model(name: str) -> dict[str, Any]:
     """Describe a model without loading its weights (for ``model.json`` in the run folder).
 
-    Reads only the config; when it cannot be read (a Hub model on an offline machine), the
-    preset's facts are returned and ``n_layers``/``d_model`` are None.
+    Reads only a config already on disk (a local folder or the Hub cache), so it never waits on
+    the network; otherwise the preset's facts are returned with ``n_layers``/``d_model`` None.
+    Notebooks that load the model rewrite ``model.json`` with the full spec.
     """
     from transformers import AutoConfig
 
@@ -226,7 +227,7 @@ def describe_model(name: str) -> dict[str, Any]:
         "standin_warning": standins.STANDIN_WARNING if preset and preset.is_standin else None,
     }
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
         logger.info("Config of %s not readable here (%s); describing it from the preset only", name, error)
         return description

@@ -69,6 +69,11 @@ class RunDir:
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
+    def write_model_info(self, info: dict[str, Any]) -> Path:
+        """Record the model description (``ModelSpec.to_dict()`` or ``describe_model``) as ``model.json``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return write_json(self.path / "model.json", info)
+
     def model_info(self) -> dict[str, Any]:
         """Return the model spec recorded by the runner or by notebook 00 (empty if none)."""
         path = self.path / "model.json"
