@@ -92,15 +92,17 @@ class Intervention(Protocol):
 
 @dataclass
 class GenerationOutput:
-    """Token ids of one generated batch, and the block outputs captured after the edits.
+    """Token ids of one generated batch, and the block outputs captured before and after the edits.
 
-    ``captured[layer]`` lists one tensor per generation step (``[batch, seq, d]`` for the prompt
-    pass, then ``[batch, 1, d]``).
+    ``captured[layer]`` (after the edits, as the next block reads them) and
+    ``captured_before[layer]`` list one tensor per generation step: ``[batch, seq, d]`` for the
+    prompt pass, then ``[batch, 1, d]``.
     """
 
     prompt_ids: torch.Tensor
     new_ids: torch.Tensor
     captured: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    captured_before: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def generation_settings(loaded, max_new_tokens: int) -> dict[str, Any]:
@@ -130,7 +132,7 @@ def generate_batch(
 ) -> GenerationOutput:
     """Generate greedily for one left-padded batch, applying ``plan`` at every step.
 
-    ``capture_layers`` names blocks whose outputs (after the edits) are saved at every step.
+    ``capture_layers`` names blocks whose outputs are saved at every step, before and after the edits.
     """
     n_rows, prompt_length = batch.input_ids.shape
     capture_layers = tuple(sorted(set(int(layer) for layer in capture_layers)))
@@ -156,6 +158,7 @@ def generate_batch(
     addition_rows = plan.addition_rows if plan else None
     addition_during_generation = plan.addition_during_generation if plan else False
     captured_steps: dict[int, list] = {layer: [] for layer in capture_layers}
+    captured_before_steps: dict[int, list] = {layer: [] for layer in capture_layers}
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LOOP_END_WARNING, category=UserWarning)
@@ -167,6 +170,8 @@ def generate_batch(
                 for step in tracer.iter[:] if touched else ():
                     for layer in touched:
                         hidden = blocks[layer].output
+                        if layer in captured_before_steps:
+                            captured_before_steps[layer].append(hidden.detach().clone().save())
                         edit_ablation = layer in ablation_layers
                         edit_addition = layer == addition_layer and (step == 0 or addition_during_generation)
                         if edit_ablation or edit_addition:
@@ -190,9 +195,11 @@ def generate_batch(
                 output_ids = tracer.result.save()
 
     output_ids = torch.as_tensor(output_ids).cpu()
-    captured = {layer: [tensor.cpu() for tensor in steps] for layer, steps in captured_steps.items()}
     return GenerationOutput(
-        prompt_ids=output_ids[:, :prompt_length], new_ids=output_ids[:, prompt_length:], captured=captured
+        prompt_ids=output_ids[:, :prompt_length],
+        new_ids=output_ids[:, prompt_length:],
+        captured={layer: [tensor.cpu() for tensor in steps] for layer, steps in captured_steps.items()},
+        captured_before={layer: [tensor.cpu() for tensor in steps] for layer, steps in captured_before_steps.items()},
     )
 
 
