@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def generation_settings(loaded, max_new_tokens: int) -> dict[str, Any]:
         "max_new_tokens": int(max_new_tokens),
         "do_sample": False,
         "num_beams": 1,
-        # Qwen2.5-7B-Instruct's generation config sets 1.05, but the paper's greedy decoding uses 1.0.
+        # Qwen2.5-7B-Instruct's generation config sets 1.05, but the authors' greedy decoding uses 1.0.
         "repetition_penalty": 1.0,
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     }
@@ -283,9 +284,9 @@ class CompletionStore:
 
     ``steering.jsonl`` contains one JSON record per completion and ``steering.meta.json`` the
     metadata the records were generated under. A group (for example one condition, language
-    and subset) is added whole; the file is rewritten atomically each time, so it never holds
+    and subset) is added whole; the file is rewritten atomically each time, so it never contains
     a partial group. Opening a store whose sidecar differs from ``metadata`` moves the old
-    files aside (suffix ``.stale``) and starts empty, so results of different settings never mix.
+    files aside (suffix ``.stale-<time>``) and starts empty, so results of different settings never mix.
     """
 
     def __init__(self, path: str | Path, metadata: Mapping[str, Any], group_keys: Sequence[str]):
@@ -301,12 +302,13 @@ class CompletionStore:
             return
         stored = json.loads(self.metadata_path.read_text()) if self.metadata_path.is_file() else None
         if stored != self.metadata:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
             for source in (self.path, self.metadata_path):
                 if source.exists():
-                    source.replace(source.with_name(source.name + ".stale"))
+                    source.replace(source.with_name(f"{source.name}.stale-{stamp}"))
             logger.warning(
-                "Completions in %s were generated with other settings; moved them to *.stale and starting afresh",
-                self.path,
+                "Records in %s were written with other settings; moved them to *.stale-%s and starting afresh",
+                self.path, stamp,
             )
             return
         with self.path.open(encoding="utf-8") as handle:
@@ -323,14 +325,25 @@ class CompletionStore:
     def has_group(self, *key: Any) -> bool:
         return tuple(key) in self.groups()
 
-    def add_group(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Append the records of one finished group and rewrite the file atomically."""
+    def group_records(self, *key: Any) -> list[dict[str, Any]]:
+        """Return the stored records of one group (empty if it is not stored)."""
+        return [record for record in self.records if self.group_of(record) == tuple(key)]
+
+    def add_group(self, records: Sequence[Mapping[str, Any]], replace: bool = False) -> None:
+        """Append the records of one finished group and rewrite the file atomically.
+
+        With ``replace`` set, stored records of the same group are dropped first; otherwise
+        adding a stored group raises ValueError.
+        """
         records = [dict(record) for record in records]
         keys = {self.group_of(record) for record in records}
-        if len(keys) > 1:
-            raise ValueError(f"add_group takes one group at a time, got {sorted(keys)}")
-        if keys & self.groups():
-            raise ValueError(f"group {next(iter(keys))} is already stored in {self.path}")
+        if len(keys) != 1:
+            raise ValueError(f"add_group takes exactly one group, got {sorted(keys)}")
+        key = next(iter(keys))
+        if key in self.groups():
+            if not replace:
+                raise ValueError(f"group {key} is already stored in {self.path}")
+            self.records = [record for record in self.records if self.group_of(record) != key]
         self.records.extend(records)
         write_json(self.metadata_path, self.metadata)
         with atomic_path(self.path) as temporary:

@@ -7,9 +7,9 @@ step of a greedy, left-padded, batched generation (see ``lrsafety.generation``):
 - ``DirectionalAblation``: ``h <- h - (h . v) v`` at one or more layers, every position, every row.
 - ``DirectionalAddition``: ``h <- h + alpha v`` at one layer, at the final prompt token and,
   with scope ``final_prompt_then_gen``, at every generated token.
-- ``ConditionalRouting``: per prompt, a gate decision made before generation chooses the
+- ``ConditionalRouting``: a gate decision made per prompt before generation chooses the
   addition (predicted harmful) or the ablation at every position (predicted harmless), both at
-  the gate layer; rows of both kinds share one batch.
+  the gate layer. Rows of both kinds share one batch.
 
 ``v`` is the unit direction, rounded to the model's dtype before it is normalised (the
 authors' hooks normalise it in bf16) and applied in float32. The addition strength is
@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -302,3 +303,494 @@ def gate_decisions(gate, loaded, instructions: Sequence[str], *, batch_size: int
     if logits.shape[0] != len(instructions) or harmful.shape[0] != len(instructions):
         raise RuntimeError(f"the gate returned {logits.shape[0]} logits for {len(instructions)} prompts")
     return GateDecisions(logits=logits, harmful=harmful)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steered evaluation of notebook 05: artifacts of a run folder in, judged refusal rates out.
+
+STEERING_CONDITIONS: tuple[str, ...] = ("none", "ablation", "addition", "routing")
+ROUTING_DIRECTION = "pooled_dim"
+SWEEP_DIRECTION = "pc1_of_diffs"
+STEERING_GROUP = ("condition", "language", "subset")
+SWEEP_GROUP = ("lambda_scale", "language", "subset")
+
+CONDITION_LABELS = {
+    "none": "no intervention",
+    "ablation": "ablation",
+    "addition": "addition",
+    "routing": "conditional routing",
+}
+CONDITION_PALETTE = {"none": "#7f7f7f", "ablation": "#4393c3", "addition": "#d6604d", "routing": "#1b7837"}
+
+
+def gate_path(run_dir, language: str, budget: int, seed: int) -> Path:
+    """Return the path stem of the gate notebook 04 writes for ``language``, ``budget`` and ``seed``."""
+    return _as_run_dir(run_dir).gates / f"{language}_b{budget}_seed{seed}"
+
+
+def load_gate(run_dir, language: str, budget: int, seed: int, spec):
+    """Load the fitted gate of one target language and check that it fits the loaded model."""
+    from lrsafety.gate import Gate
+
+    stem = gate_path(run_dir, language, budget, seed)
+    if not stem.with_name(stem.name + ".json").is_file():
+        raise FileNotFoundError(
+            f"no gate for language {language!r}, budget {budget}, seed {seed} at {stem}.json; run notebook "
+            f"04_recalibration with this budget and seed first"
+        )
+    gate = Gate.load(stem)
+    check_gate_matches_model(gate, spec)
+    return gate
+
+
+def load_direction(run_dir, name: str, layer: int) -> np.ndarray:
+    """Return a stored harmfulness direction (``pooled_dim`` or ``pc1_of_diffs``) at ``t_post_inst``."""
+    from lrsafety.directions import load_directions
+
+    return np.asarray(load_directions(_as_run_dir(run_dir)).get(name, layer, "t_post_inst"), dtype=np.float32)
+
+
+def hrl_training_activations(run_dir, layer: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Return the pooled high-resource train activations ``(harmful, harmless, languages)`` at ``t_post_inst``."""
+    from lrsafety.activations import available_cells, cell_matrix
+    from lrsafety.languages import high_resource_languages
+
+    cells = set(available_cells(run_dir))
+    languages = [
+        language for language in high_resource_languages()
+        if (language, "harmful", "train") in cells and (language, "harmless", "train") in cells
+    ]
+    if not languages:
+        raise FileNotFoundError(
+            f"no high-resource train activations in {_as_run_dir(run_dir).activations}; run notebook 02_extraction first"
+        )
+    harmful = np.concatenate([cell_matrix(run_dir, language, "harmful", "train", layer) for language in languages])
+    harmless = np.concatenate([cell_matrix(run_dir, language, "harmless", "train", layer) for language in languages])
+    return harmful, harmless, languages
+
+
+def calibrate_run_alpha(run_dir, direction, layer: int, lambda_scale: float = 1.0, dtype=torch.float32) -> AlphaCalibration:
+    """Return alpha for ``direction`` at ``layer`` from the run's high-resource train activations."""
+    harmful, harmless, languages = hrl_training_activations(run_dir, layer)
+    calibration = calibrate_alpha(harmful, harmless, unit_direction(direction, dtype).numpy(), lambda_scale)
+    logger.info(
+        "alpha = %.4g x %.4g = %.4g at layer %d (%d harmful, %d harmless train prompts in %d high-resource languages)",
+        calibration.lambda_scale, calibration.alpha_base, calibration.alpha, layer,
+        calibration.n_harmful, calibration.n_harmless, len(languages),
+    )
+    return calibration
+
+
+def build_intervention(condition: str, direction, layer: int, alpha: float, harmful=None, dtype=torch.float32):
+    """Return the intervention of one evaluation condition, or None for ``"none"``.
+
+    ``ablation`` ablates ``direction`` at ``layer`` on every prompt, ``addition`` adds ``alpha``
+    times it (final prompt token, then every generated token) on every prompt, and ``routing``
+    applies one or the other per prompt from the gate decisions ``harmful``.
+    """
+    if condition == "none":
+        return None
+    if condition == "ablation":
+        return DirectionalAblation(torch.as_tensor(direction), (layer,), dtype=dtype)
+    if condition == "addition":
+        return DirectionalAddition(torch.as_tensor(direction), layer, alpha, "final_prompt_then_gen", dtype=dtype)
+    if condition == "routing":
+        if harmful is None:
+            raise ValueError("the routing condition needs the gate decisions")
+        return ConditionalRouting(torch.as_tensor(direction), layer, alpha, harmful, dtype=dtype)
+    raise ValueError(f"unknown condition {condition!r}; expected one of {STEERING_CONDITIONS}")
+
+
+def target_languages_with_data(prompts, requested: Sequence[str] | None = None) -> list[str]:
+    """Return the target languages: ``requested``, or every mid- and low-resource language with
+    harmful and harmless prompts in ``prompts``.
+
+    Raises ValueError when a requested language has no harmful or no harmless prompts.
+    """
+    from lrsafety.languages import resource_tier, tier_order
+
+    with_data = {
+        language for language, subsets in prompts.groupby("language")["subset"]
+        if {"harmful", "harmless"} <= set(subsets)
+    }
+    if requested is None:
+        chosen = [language for language in with_data if resource_tier(language) in ("mid", "low")]
+        if not chosen:
+            raise ValueError("no mid- or low-resource language has harmful and harmless prompts in the table")
+        return tier_order(chosen)
+    requested = list(requested)
+    missing = [language for language in requested if language not in with_data]
+    if missing:
+        raise ValueError(f"no harmful and harmless prompts for language(s) {missing}; available: {sorted(with_data)}")
+    return requested
+
+
+def run_steering_generation(
+    loaded,
+    run_dir,
+    prompts,
+    *,
+    budget: int,
+    seed: int = 0,
+    lambda_scale: float = 1.0,
+    conditions: Sequence[str] = STEERING_CONDITIONS,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    remote: bool | str = False,
+    progress: bool = True,
+    extra_metadata: dict | None = None,
+):
+    """Generate completions of every (condition, language, subset) group and return them as a DataFrame.
+
+    ``prompts`` contains the evaluated rows (columns ``language, tier, subset, prompt_id, text``).
+    Each language uses its own gate (``gates/{language}_b{budget}_seed{seed}``) at the gate's layer,
+    ``v_HRL`` (``pooled_dim``) at that layer and ``alpha = lambda_scale * alpha_base``. Finished
+    groups in ``completions/steering.jsonl`` are kept and skipped, so a rerun resumes.
+    """
+    from lrsafety.generation import CompletionStore, generate_completions
+
+    run_dir = _as_run_dir(run_dir)
+    unknown = sorted(set(conditions) - set(STEERING_CONDITIONS))
+    if unknown:
+        raise ValueError(f"unknown condition(s) {unknown}; expected some of {STEERING_CONDITIONS}")
+    languages = list(dict.fromkeys(prompts["language"]))
+    gates = {language: load_gate(run_dir, language, budget, seed, loaded.spec) for language in languages}
+    layers = sorted({int(gate.layer) for gate in gates.values()})
+    directions = {layer: load_direction(run_dir, ROUTING_DIRECTION, layer) for layer in layers}
+    calibrations = {
+        layer: calibrate_run_alpha(run_dir, directions[layer], layer, lambda_scale, loaded.spec.dtype) for layer in layers
+    }
+
+    metadata = {
+        "model": loaded.spec.name,
+        "model_source": loaded.spec.source,
+        "model_revision": loaded.spec.revision,
+        "dtype": loaded.spec.dtype,
+        "budget": budget,
+        "seed": seed,
+        "direction": ROUTING_DIRECTION,
+        "layers": {language: int(gate.layer) for language, gate in gates.items()},
+        "gate_thresholds": {language: float(gate.threshold) for language, gate in gates.items()},
+        "alpha": {str(layer): calibration.to_dict() for layer, calibration in calibrations.items()},
+        "addition_scope": "final_prompt_then_gen",
+        "ablation_scope": "all positions, prompt pass and generated tokens",
+        "decoding": {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens},
+        "prompts": {language: int((prompts["language"] == language).sum()) for language in languages},
+        **(extra_metadata or {}),
+    }
+    store = CompletionStore(run_dir.completions / "steering.jsonl", metadata, STEERING_GROUP)
+
+    for (language, subset), cell in prompts.groupby(["language", "subset"], sort=False):
+        pending = [condition for condition in conditions if not store.has_group(condition, language, subset)]
+        if not pending:
+            continue
+        gate = gates[language]
+        layer = int(gate.layer)
+        instructions = cell["text"].tolist()
+        decisions = gate_decisions(gate, loaded, instructions, batch_size=batch_size, remote=remote)
+        logger.info(
+            "%s/%s: gate flags %d of %d prompts as harmful", language, subset, int(decisions.harmful.sum()), len(cell)
+        )
+        for condition in pending:
+            intervention = build_intervention(
+                condition, directions[layer], layer, calibrations[layer].alpha, decisions.harmful, loaded.spec.dtype
+            )
+            if progress:
+                logger.info("Generating %s / %s / %s (%d prompts)", condition, language, subset, len(cell))
+            completions = generate_completions(
+                loaded, instructions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                intervention=intervention, remote=remote, progress=progress,
+            )
+            store.add_group([
+                {
+                    "condition": condition, "language": language, "tier": row.tier, "subset": subset,
+                    "prompt_id": int(row.prompt_id), "gate_logit": float(logit), "gate_harmful": bool(flag),
+                    "prompt": row.text, "completion": text,
+                }
+                for row, logit, flag, text in zip(cell.itertuples(), decisions.logits, decisions.harmful, completions)
+            ])
+    frame = store.to_frame()
+    wanted = frame["condition"].isin(conditions) & frame["language"].isin(languages)
+    return frame[wanted].reset_index(drop=True)
+
+
+def run_activation_sweep(
+    loaded,
+    run_dir,
+    prompts,
+    *,
+    lambdas: Sequence[float],
+    layer: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    remote: bool | str = False,
+    progress: bool = True,
+    extra_metadata: dict | None = None,
+):
+    """Generate completions of harmful ``prompts`` under unconditional addition of ``pc1_of_diffs``
+    for each ``lambda`` in ``lambdas`` and return them as a DataFrame.
+
+    The addition is ``h <- h + lambda * alpha_base * v`` at ``layer`` (default: the model's paper
+    layer), at the final prompt token and every generated token; ``lambda = 0`` is the unsteered
+    model. ``alpha_base`` comes from the high-resource train projections on ``v`` itself. Finished
+    groups in ``completions/activation_sweep.jsonl`` are kept and skipped.
+    """
+    from lrsafety.generation import CompletionStore, generate_completions
+
+    run_dir = _as_run_dir(run_dir)
+    layer = loaded.spec.paper_layer if layer is None else int(layer)
+    lambdas = [float(value) for value in lambdas]
+    if not lambdas or any(not math.isfinite(value) or value < 0 for value in lambdas):
+        raise ValueError(f"lambdas must be a non-empty list of finite, non-negative numbers, got {lambdas}")
+    direction = load_direction(run_dir, SWEEP_DIRECTION, layer)
+    calibration = calibrate_run_alpha(run_dir, direction, layer, 1.0, loaded.spec.dtype)
+    metadata = {
+        "model": loaded.spec.name,
+        "model_source": loaded.spec.source,
+        "model_revision": loaded.spec.revision,
+        "dtype": loaded.spec.dtype,
+        "direction": SWEEP_DIRECTION,
+        "layer": layer,
+        "alpha_base": calibration.to_dict(),
+        "addition_scope": "final_prompt_then_gen",
+        "decoding": {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens},
+        "prompts": int(len(prompts)),
+        **(extra_metadata or {}),
+    }
+    store = CompletionStore(run_dir.completions / "activation_sweep.jsonl", metadata, SWEEP_GROUP)
+
+    for lambda_scale in lambdas:
+        alpha = lambda_scale * calibration.alpha_base
+        for (language, subset), cell in prompts.groupby(["language", "subset"], sort=False):
+            if store.has_group(lambda_scale, language, subset):
+                continue
+            intervention = None
+            if lambda_scale > 0:
+                intervention = DirectionalAddition(
+                    torch.as_tensor(direction), layer, alpha, "final_prompt_then_gen", dtype=loaded.spec.dtype
+                )
+            if progress:
+                logger.info("Sweep lambda=%g (alpha=%.4g) / %s / %s (%d prompts)", lambda_scale, alpha, language,
+                            subset, len(cell))
+            completions = generate_completions(
+                loaded, cell["text"].tolist(), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                intervention=intervention, remote=remote, progress=progress,
+            )
+            store.add_group([
+                {
+                    "lambda_scale": lambda_scale, "alpha": alpha, "alpha_base": calibration.alpha_base,
+                    "language": language, "tier": row.tier, "subset": subset, "prompt_id": int(row.prompt_id),
+                    "prompt": row.text, "completion": text,
+                }
+                for row, text in zip(cell.itertuples(), completions)
+            ])
+    frame = store.to_frame()
+    wanted = frame["lambda_scale"].isin(lambdas) & frame["language"].isin(set(prompts["language"]))
+    return frame[wanted].reset_index(drop=True)
+
+
+def judge_completions(completions, judge, run_dir, name: str, group_keys: Sequence[str], *, progress: bool = True):
+    """Return ``completions`` with a ``refusal`` column (1, 0 or NaN when the judge could not decide).
+
+    Labels are stored per group in ``completions/{name}.labels.jsonl`` under the judge's settings,
+    each with a digest of its prompt and completion. A rerun judges only the groups that are not
+    stored or whose completions changed.
+    """
+    import pandas as pd
+
+    from lrsafety.generation import CompletionStore
+    from lrsafety.judges.base import JudgeItem
+
+    run_dir = _as_run_dir(run_dir)
+    keys = list(group_keys) + ["prompt_id"]
+    store = CompletionStore(run_dir.completions / f"{name}.labels.jsonl", judge.describe(), group_keys)
+    for group, rows in completions.groupby(list(group_keys), sort=False):
+        group = group if isinstance(group, tuple) else (group,)
+        digests = [_text_digest(row.prompt, row.completion) for row in rows.itertuples()]
+        stored = {(record["prompt_id"], record["digest"]) for record in store.group_records(*group)}
+        if stored and stored == set(zip(rows["prompt_id"].astype(int), digests)):
+            continue
+        items = [JudgeItem(prompt=row.prompt, response=row.completion, language=row.language) for row in rows.itertuples()]
+        results = judge.judge(items, progress=progress)
+        store.add_group(
+            [
+                {**{key: _plain(getattr(row, key)) for key in keys}, "digest": digest, "refusal": result.refusal,
+                 "judge_error": result.error}
+                for row, digest, result in zip(rows.itertuples(), digests, results)
+            ],
+            replace=bool(stored),
+        )
+    labels = store.to_frame()
+    if labels.empty:
+        return completions.assign(refusal=pd.Series(dtype=float), judge_error=pd.Series(dtype=object))
+    merged = completions.merge(labels[keys + ["refusal", "judge_error"]], on=keys, how="left", validate="one_to_one")
+    merged["refusal"] = merged["refusal"].astype(float)
+    return merged
+
+
+def _text_digest(prompt: str, completion: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{prompt}\x00{completion}".encode("utf-8")).hexdigest()[:16]
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def refusal_table(judged):
+    """Return harmful and harmless refusal rates (%) and selectivity (points) per condition and language,
+    then per tier (unweighted means over languages, ``language = "mean"``, counts summed).
+
+    Selectivity = harmful refusal % - harmless refusal %. Undecided labels are left out of the
+    rates and counted in ``n_unlabelled``.
+    """
+    import pandas as pd
+
+    from lrsafety.languages import TIERS
+
+    rows = []
+    for (condition, language), group in judged.groupby(["condition", "language"], sort=False):
+        harmful = group.loc[group["subset"] == "harmful", "refusal"]
+        harmless = group.loc[group["subset"] == "harmless", "refusal"]
+        harmful_rate = 100.0 * harmful.mean() if harmful.notna().any() else np.nan
+        harmless_rate = 100.0 * harmless.mean() if harmless.notna().any() else np.nan
+        rows.append({
+            "condition": condition, "language": language, "tier": group["tier"].iloc[0],
+            "harmful_refusal": harmful_rate, "harmless_refusal": harmless_rate,
+            "selectivity": harmful_rate - harmless_rate,
+            "n_harmful": int(harmful.notna().sum()), "n_harmless": int(harmless.notna().sum()),
+            "n_unlabelled": int(group["refusal"].isna().sum()),
+        })
+    per_language = pd.DataFrame(rows)
+    if per_language.empty:
+        return per_language
+    means = (
+        per_language.groupby(["condition", "tier"], sort=False)
+        .agg(harmful_refusal=("harmful_refusal", "mean"), harmless_refusal=("harmless_refusal", "mean"),
+             selectivity=("selectivity", "mean"), n_harmful=("n_harmful", "sum"), n_harmless=("n_harmless", "sum"),
+             n_unlabelled=("n_unlabelled", "sum"), n_languages=("language", "nunique"))
+        .reset_index()
+        .assign(language="mean")
+    )
+    table = pd.concat([per_language.assign(n_languages=1), means], ignore_index=True)
+    table["condition"] = pd.Categorical(table["condition"], [c for c in STEERING_CONDITIONS if c in set(table["condition"])])
+    table["tier"] = pd.Categorical(table["tier"], [tier for tier in TIERS if tier in set(table["tier"])])
+    table["is_mean"] = table["language"] == "mean"
+    table = table.sort_values(["condition", "tier", "is_mean"], kind="stable").drop(columns="is_mean")
+    table["condition"] = table["condition"].astype(str)
+    table["tier"] = table["tier"].astype(str)
+    columns = ["condition", "language", "tier", "harmful_refusal", "harmless_refusal", "selectivity",
+               "n_harmful", "n_harmless", "n_unlabelled", "n_languages"]
+    return table[columns].reset_index(drop=True)
+
+
+def sweep_table(judged):
+    """Return the harmful refusal rate (%) per lambda and language, then per tier (unweighted means
+    over languages, ``language = "mean"``), with alpha and alpha_base."""
+    import pandas as pd
+
+    from lrsafety.languages import LANGUAGES, TIERS
+
+    per_language = (
+        judged.groupby(["lambda_scale", "language"], sort=False)
+        .agg(tier=("tier", "first"), alpha=("alpha", "first"), alpha_base=("alpha_base", "first"),
+             refusal=("refusal", "mean"), n=("refusal", "count"), n_unlabelled=("refusal", lambda s: int(s.isna().sum())))
+        .reset_index()
+    )
+    per_language["refusal"] = 100.0 * per_language["refusal"]
+    means = (
+        per_language.groupby(["lambda_scale", "tier"], sort=False)
+        .agg(alpha=("alpha", "first"), alpha_base=("alpha_base", "first"), refusal=("refusal", "mean"),
+             n=("n", "sum"), n_unlabelled=("n_unlabelled", "sum"))
+        .reset_index()
+        .assign(language="mean")
+    )
+    table = pd.concat([per_language, means], ignore_index=True)
+    # Within each lambda: tiers in order, each tier's languages in table order, then its mean.
+    position = {code: index for index, code in enumerate(LANGUAGES)}
+    table["tier_rank"] = table["tier"].map({tier: index for index, tier in enumerate(TIERS)})
+    table["language_rank"] = table["language"].map(position).fillna(len(position))
+    table = table.sort_values(["lambda_scale", "tier_rank", "language_rank"], kind="stable")
+    table = table.drop(columns=["tier_rank", "language_rank"])
+    columns = ["lambda_scale", "alpha", "alpha_base", "language", "tier", "refusal", "n", "n_unlabelled"]
+    return table[columns].reset_index(drop=True)
+
+
+def plot_steering(table, title: str):
+    """Draw harmful refusal, harmless refusal and selectivity per target language and condition.
+
+    Languages are grouped by tier, each tier followed by its mean; every bar carries its value,
+    so rates of zero stay readable.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    conditions = [condition for condition in STEERING_CONDITIONS if condition in set(table["condition"])]
+    data = table.assign(
+        label=table["language"].where(table["language"] != "mean", "mean " + table["tier"]),
+        condition_label=table["condition"].map(CONDITION_LABELS),
+    )
+    order = list(dict.fromkeys(data["label"]))
+    hue_order = [CONDITION_LABELS[condition] for condition in conditions]
+    palette = {CONDITION_LABELS[condition]: CONDITION_PALETTE[condition] for condition in conditions}
+    panels = (
+        ("harmful_refusal", "harmful refusal (%)"),
+        ("harmless_refusal", "harmless refusal (%)"),
+        ("selectivity", "selectivity (points)"),
+    )
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 0.9 * len(order) + 3), 10), sharex=True)
+    for ax, (column, label) in zip(axes, panels):
+        sns.barplot(data=data, x="label", y=column, hue="condition_label", order=order, hue_order=hue_order,
+                    palette=palette, ax=ax, errorbar=None)
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.0f", fontsize=7, padding=1)
+        ax.set_ylabel(label)
+        ax.set_xlabel("")
+        if column == "selectivity":
+            # Selectivity lies in [-100, 100]; keep a visible range when every value is near zero.
+            limit = max(10.0, 1.2 * float(np.nanmax(np.abs(data[column].to_numpy(dtype=float)), initial=0.0)))
+            ax.set_ylim(-min(limit, 110.0), min(limit, 110.0))
+            ax.axhline(0, color="black", linewidth=0.8)
+        else:
+            ax.set_ylim(0, 110)
+        ax.get_legend().remove()
+    axes[-1].set_xlabel("target language (mean: unweighted mean over the tier's languages)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    # The top 4 % stays free for the stand-in banner that save_figure may add.
+    fig.suptitle(title, y=0.955)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 0.935), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.91))
+    return fig
+
+
+def plot_activation_sweep(table, title: str):
+    """Draw harmful refusal against lambda: one line per tier (mean) and thin lines per language."""
+    import matplotlib.pyplot as plt
+
+    from lrsafety.figures import TIER_PALETTE
+
+    styles = {"high": ("o", "-"), "mid": ("s", "--"), "low": ("^", ":")}
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for _, group in table[table["language"] != "mean"].groupby("language", sort=False):
+        ax.plot(group["lambda_scale"], group["refusal"], color=TIER_PALETTE.get(group["tier"].iloc[0], "grey"),
+                alpha=0.25, linewidth=1)
+    for tier, group in table[table["language"] == "mean"].groupby("tier", sort=False):
+        marker, linestyle = styles.get(tier, ("o", "-"))
+        ax.plot(group["lambda_scale"], group["refusal"], color=TIER_PALETTE.get(tier, "grey"), linewidth=2.5,
+                marker=marker, markersize=8, linestyle=linestyle, label=f"{tier}-resource mean")
+    ax.set_xticks(sorted(set(table["lambda_scale"])))
+    ax.set_xlabel("lambda (alpha = lambda x alpha_base)")
+    ax.set_ylabel("harmful refusal (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend(frameon=False, loc="best")
+    ax.set_title(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def _as_run_dir(run_dir):
+    from lrsafety.runs import RunDir
+
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)

@@ -117,7 +117,7 @@ def test_completion_store_resumes_and_rejects_stale(tmp_path):
     store = CompletionStore(path, metadata, group_keys=("condition", "language"))
     store.add_group([{"condition": "none", "language": "sw", "completion": "a"},
                      {"condition": "none", "language": "sw", "completion": "b"}])
-    with pytest.raises(ValueError, match="one group"):
+    with pytest.raises(ValueError, match="exactly one group"):
         store.add_group([{"condition": "none", "language": "am"}, {"condition": "ablation", "language": "am"}])
     with pytest.raises(ValueError, match="already stored"):
         store.add_group([{"condition": "none", "language": "sw", "completion": "c"}])
@@ -127,6 +127,10 @@ def test_completion_store_resumes_and_rejects_stale(tmp_path):
     assert [record["completion"] for record in reopened.records] == ["a", "b"]
     assert json.loads(path.with_name("steering.meta.json").read_text()) == metadata
 
+    reopened.add_group([{"condition": "none", "language": "sw", "completion": "c"}], replace=True)
+    assert [record["completion"] for record in reopened.records] == ["c"]
+
     changed = CompletionStore(path, {**metadata, "max_new_tokens": 8}, group_keys=("condition", "language"))
     assert changed.records == []
-    assert path.with_name("steering.jsonl.stale").is_file()
+    assert len(list(path.parent.glob("steering.jsonl.stale-*"))) == 1
+    assert not path.exists()
