@@ -117,16 +117,20 @@ def load_model(
     """Load a model by preset name, Hub id or local folder and wrap it for nnsight.
 
     Stand-in presets are built into the local cache on first use and then loaded from that
-    folder exactly like a downloaded checkpoint. With ``remote`` set, the weights stay on NDIF:
-    only the config is read here, from the Hub id. ``paper_layer`` defaults to the preset's
-    layer, or to the middle layer for other models.
+    folder exactly like a downloaded checkpoint. With ``remote=True`` the weights stay on NDIF:
+    only the config is read here, from the Hub id. ``remote="local"`` loads the weights here,
+    because it simulates the NDIF round trip in this process. ``paper_layer`` defaults to the
+    preset's layer, or to the middle layer for other models.
     """
     from nnsight import TransformersModel
     from transformers import AutoConfig, AutoTokenizer
 
+    from lrsafety.remote import normalize_remote
+
+    runs_on_ndif = normalize_remote(remote) is True
     preset = resolve_preset(name)
     if preset is not None and preset.is_standin:
-        if remote:
+        if runs_on_ndif:
             raise ValueError(
                 f"{name} is a stand-in built on this machine; NDIF serves only Hub models. "
                 "Use a Hub preset such as 'llama-3.1-8b-instruct' with remote=True."
@@ -159,7 +163,7 @@ def load_model(
     if family == "gemma2":
         # Soft-capping of attention logits is only implemented by eager attention.
         model_kwargs["attn_implementation"] = "eager"
-    if not remote:
+    if not runs_on_ndif:
         # A local folder has no Hub pipeline tag to infer the task from.
         model_kwargs["task"] = "text-generation"
         model_kwargs["dispatch"] = True
@@ -185,7 +189,7 @@ def load_model(
         paper_layer=layer,
         dtype=dtype_name,
         is_standin=bool(preset and preset.is_standin),
-        remote=bool(remote),
+        remote=runs_on_ndif,
         revision=revision,
     )
     loaded = LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
