@@ -9,9 +9,14 @@ service:
 - ``read_settings`` / ``configure_nnsight`` take the host and API key from the environment
   variables ``NDIF_HOST`` and ``NDIF_API_KEY`` only, so no key is ever a notebook parameter.
 - ``trace_options`` returns the keyword arguments for one ``model.trace``/``model.generate``
-  call: nothing for local runs, ``remote="local"`` for nnsight's in-process simulation, and an
+  call: nothing for local runs, a ``LocalRoundTripBackend`` for ``"local"`` (the request is
+  serialized, deserialized and run here the way the NDIF server runs it), and an
   ``NdifBackend`` for NDIF (checks the key and that NDIF serves the model, enforces a wait
   deadline, logs job status changes).
+
+Code inside a remote trace must ``save()`` every value it needs afterwards, containers included:
+NDIF returns only saved values, so a list filled inside the block but not itself saved comes
+back empty.
 - ``remote_call`` runs one traced step, maps nnsight's failures to the ``RemoteError`` classes
   below and retries the transient ones with exponential backoff.
 - ``remote_batches`` splits prompts into requests that stay within the request-size budget.
@@ -83,7 +88,7 @@ _FALSE_STRINGS = {"false"}
 
 
 class RemoteError(RuntimeError):
-    """A remote (NDIF) request could not run; ``retryable`` says whether sending it again may help."""
+    """A remote (NDIF) request could not run. ``retryable`` is True when sending it again may help."""
 
     retryable = False
 
@@ -233,7 +238,7 @@ def remote_batches(
 ) -> list[list[int]]:
     """Split prompt indices, in order, into batches of at most ``batch_size`` prompts.
 
-    For ``remote=True`` and ``"local"`` each batch also holds at most ``max_batch_size`` prompts
+    For ``remote=True`` and ``"local"`` each batch also contains at most ``max_batch_size`` prompts
     and at most ``max_padded_tokens`` padded tokens: rows x (longest prompt + ``extra_tokens``).
     Generation passes ``max_new_tokens`` as ``extra_tokens``. A prompt longer than the token
     budget on its own gets a batch of its own, with a warning.
@@ -283,7 +288,7 @@ def trace_options(
     """Return the keyword arguments that route one ``trace``/``generate`` call.
 
     ``{}`` for a local run, a ``LocalRoundTripBackend`` for ``"local"`` (the NDIF round trip
-    in this process), and an ``NdifBackend`` for NDIF. Call it once per trace: a backend holds one job.
+    in this process), and an ``NdifBackend`` for NDIF. Call it once per trace, because a backend serves one job.
     For NDIF it first checks ``NDIF_API_KEY`` and that NDIF lists the model. ``model_key``
     overrides the key nnsight builds from the model (which asks the Hugging Face Hub).
     """
@@ -339,8 +344,8 @@ class NdifBackend(RemoteBackend):
 
 
 class _JobDisplay(StatusDisplay):
-    # nnsight wakes a display that is enabled every 0.1 s while waiting on the websocket, which is
-    # where the deadline is checked; so the display stays enabled and only its drawing follows
+    # nnsight wakes an enabled display every 0.1 s while it waits on the websocket, and that wake-up
+    # is where the deadline is checked. So the display stays enabled and only drawing follows
     # ``progress``.
 
     def __init__(self, *, timeout_s: float, progress: bool, description: str) -> None:
@@ -427,8 +432,8 @@ class LocalRoundTripBackend(LocalSimulationBackend):
 
 @contextlib.contextmanager
 def _fresh_source_caches():
-    # Deserializing puts the block's source into linecache under the caller's file name, and
-    # nnsight memoizes sources and parsed blocks per file; a server process starts with neither.
+    # Deserializing puts the block's source into linecache under the caller's file name, and nnsight
+    # memoizes sources and parsed blocks per file. A server process starts with neither.
     snapshots = [(cache, dict(cache)) for cache in (linecache.cache, SOURCES, BLOCKS)]
     SOURCES.clear()
     BLOCKS.clear()
@@ -463,7 +468,7 @@ def _repo_of_model_key(model_key: str) -> tuple[str, str]:
 # Which models NDIF serves
 
 
-# Successful checks, keyed by (host, repo id, revision), so each process asks NDIF once per model.
+# Successful checks, keyed by (host, repo id, revision), so each process queries NDIF once per model.
 _SERVED: set[tuple[str, str, str]] = set()
 
 
@@ -642,7 +647,7 @@ def classify_error(error: BaseException, *, api_key: str | None = None, descript
         if status_code is not None:
             return build(_kind_of_status(status_code, message), f"NDIF answered HTTP {status_code}. {message}")
         if isinstance(error.__cause__, httpx.TimeoutException):
-            return build(RemoteUnavailableError, f"NDIF did not answer in time. {message}")
+            return build(RemoteUnavailableError, f"the request to NDIF timed out. {message}")
         if isinstance(error.__cause__, httpx.TransportError):
             return build(RemoteUnavailableError, f"could not reach NDIF. {message}")
         return build(_kind_of_message(message), message)
@@ -681,8 +686,8 @@ def _kind_of_status(status_code: int, message: str) -> type[RemoteError]:
 
 
 def _kind_of_message(message: str) -> type[RemoteError]:
-    # A job that reached the server and ended in ERROR. The order matters: "Could not deploy this
-    # model" ends in HuggingFace's own advice, which may say to try again.
+    # A job that reached the server and ended in ERROR. The order matters because "Could not deploy
+    # this model" ends in HuggingFace's own advice, which may suggest trying again.
     lowered = message.lower()
     if any(pattern in lowered for pattern in _NOT_SERVED_PATTERNS):
         return ModelNotServedError

@@ -4,10 +4,10 @@ Three routes carry a trace here:
 
 - ``remote="local"``: nnsight serializes the block, deserializes it with local modules hidden
   and runs it in this process.
-- A loopback NDIF on 127.0.0.1 (``LoopbackNdif`` below) that speaks the protocol nnsight 0.8.1
-  uses (``GET /status``, the ``/subscribe`` websocket, ``POST /request``), deserializes each
-  request and runs it against the stand-in the way the ndif 0.1.2 server does, returning only the
-  values the block saved. It also replays the server's error answers.
+- A loopback NDIF on 127.0.0.1 (``LoopbackNdif`` below) that implements the endpoints nnsight
+  0.8.1 uses: ``GET /status``, the ``/subscribe`` websocket and ``POST /request``. It
+  deserializes each request and runs it against the stand-in the way the ndif 0.1.2 server does,
+  so only the values the block saved come back. It also replays the server's error responses.
 - The plain local trace, as the reference.
 
 The real ndif server cannot run here (it needs Python 3.12, Ray, Redis, an object store and Hub
@@ -47,7 +47,7 @@ MODEL_KEY = 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "%s", "
 class LoopbackNdif:
     """A minimal NDIF API on 127.0.0.1 that runs requests against a local nnsight model.
 
-    ``answers`` holds what the next requests get, one entry per ``POST /request`` (a request past
+    ``answers`` lists what the next requests get, one entry per ``POST /request`` (a request past
     the end runs normally): ``("run",)``, ``("http", status, detail)``, ``("error", text)`` (a
     job that ends in ERROR), ``("received-error", text)`` (ERROR in the HTTP answer itself, as
     older servers sent), ``("silent",)`` (queued, never finishes) or ``("close",)`` (the
@@ -160,8 +160,8 @@ class LoopbackNdif:
         # Deserializing registers the block's source under the client's file name; this process
         # is also the client, so its caches are restored afterwards.
         snapshots = [(cache, dict(cache)) for cache in (linecache.cache, SOURCES, BLOCKS)]
-        # A fresh server process has read no source yet; the client's cached copy of its own
-        # file would make nested ``with`` blocks look up the wrong lines.
+        # A fresh server process has read no source yet. The client's cached copy of its own file
+        # would make nested ``with`` blocks look up the wrong lines.
         SOURCES.clear()
         BLOCKS.clear()
         try:
@@ -275,14 +275,14 @@ def test_local_simulation_matches_steered_generation(loaded):
     vector = torch.linspace(-1.0, 1.0, loaded.spec.d_model)
     local_ids, local_steps = _steered_generation(loaded, False, vector)
     simulated_ids, simulated_steps = _steered_generation(loaded, "local", vector)
-    unsteered_ids, _ = _steered_generation(loaded, False, torch.zeros(loaded.spec.d_model))
+    _, unsteered_steps = _steered_generation(loaded, False, torch.zeros(loaded.spec.d_model))
     assert local_ids.shape == (2, 8)
     assert len(local_steps) == 3
     assert torch.equal(simulated_ids, local_ids)
+    assert len(simulated_steps) == len(local_steps)
     assert all(torch.equal(a, b) for a, b in zip(simulated_steps, local_steps))
-    # The intervention reached the forward pass: the steered layer output moved.
-    assert not torch.equal(local_steps[0], _steered_generation(loaded, False, torch.zeros(loaded.spec.d_model))[1][0])
-    assert unsteered_ids.shape == local_ids.shape
+    # The edit reached the forward pass: on the prompt pass the block output moved by the vector.
+    assert torch.allclose(local_steps[0], unsteered_steps[0] + vector, atol=1e-5)
 
 
 def test_loopback_trace_matches_local_trace(loaded, ndif):
@@ -308,8 +308,8 @@ def test_loopback_generation_matches_local(loaded, ndif):
 
 
 def test_unsaved_list_comes_back_empty(loaded, ndif):
-    # A list built outside the block and filled with saved tensors is filled by a local run, but a
-    # server returns only values marked with save() themselves, and so does remote="local" here.
+    # A local run fills a list built outside the block with saved tensors. A server returns only
+    # values that are themselves marked with save(), and remote="local" here does the same.
     ids, mask = _batch(loaded)
     lengths = {}
     for mode in (False, "local", True):
