@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import nnsight
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -158,13 +159,15 @@ def generate_batch(
     addition_vector = plan.addition_vector if plan else None
     addition_rows = plan.addition_rows if plan else None
     addition_during_generation = plan.addition_during_generation if plan else False
-    captured_steps: dict[int, list] = {layer: [] for layer in capture_layers}
-    captured_before_steps: dict[int, list] = {layer: [] for layer in capture_layers}
+    settings.update(remote_trace_options(loaded, remote))
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LOOP_END_WARNING, category=UserWarning)
-        with loaded.model.generate(remote=remote, **settings) as tracer:
+        with loaded.model.generate(**settings) as tracer:
             with tracer.invoke(input_ids=batch.input_ids, attention_mask=batch.attention_mask):
+                # Saved containers: a server returns only values marked with save().
+                captured_steps = nnsight.save({layer: [] for layer in capture_layers})
+                captured_before_steps = nnsight.save({layer: [] for layer in capture_layers})
                 # An open loop: it ends when the generation stops (all rows at EOS or the token
                 # limit), and nothing after it in this invoke would run. Each step reads every
                 # touched block, so the loop waits for the model instead of spinning.
@@ -172,7 +175,7 @@ def generate_batch(
                     for layer in touched:
                         hidden = blocks[layer].output
                         if layer in captured_before_steps:
-                            captured_before_steps[layer].append(hidden.detach().clone().save())
+                            captured_before_steps[layer].append(hidden.detach().clone())
                         edit_ablation = layer in ablation_layers
                         edit_addition = layer == addition_layer and (step == 0 or addition_during_generation)
                         if edit_ablation or edit_addition:
@@ -190,7 +193,7 @@ def generate_batch(
                                 edited[:, -1, :] = edited[:, -1, :] + shift
                             blocks[layer].output = edited.to(hidden.dtype)
                         if layer in captured_steps:
-                            captured_steps[layer].append(blocks[layer].output.detach().save())
+                            captured_steps[layer].append(blocks[layer].output.detach().clone())
             # A separate invoke over the whole batch still runs when the loop above is cut short.
             with tracer.invoke():
                 output_ids = tracer.result.save()
@@ -202,6 +205,16 @@ def generate_batch(
         captured={layer: [tensor.cpu() for tensor in steps] for layer, steps in captured_steps.items()},
         captured_before={layer: [tensor.cpu() for tensor in steps] for layer, steps in captured_before_steps.items()},
     )
+
+
+def remote_trace_options(loaded, remote: bool | str) -> dict[str, Any]:
+    """Return the keyword arguments that send one trace to NDIF or through the local round trip
+    (``remote="local"``); empty for a local run. Call it once per trace."""
+    if not remote:
+        return {}
+    from lrsafety.remote import trace_options
+
+    return trace_options(loaded, remote)
 
 
 def stop_token_ids(loaded) -> set[int]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrsafety.generation import HookPlan
+from lrsafety.generation import HookPlan, remote_trace_options
 from lrsafety.prompts import encode_prompts, format_prompts, pad_left
 
 logger = logging.getLogger("lrsafety")
@@ -265,7 +265,9 @@ def last_token_states(
     for start in tqdm(starts, desc=f"gate inputs (layer {layer})", unit="batch", disable=not progress):
         batch = pad_left(token_ids[start:start + batch_size], pad_id)
         with torch.no_grad():
-            with loaded.model.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask, remote=remote):
+            # A remote backend carries one job, so each batch gets its own.
+            options = remote_trace_options(loaded, remote)
+            with loaded.model.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **options):
                 last = block.output[:, -1, :].detach().save()
         states.append(torch.as_tensor(last).to(torch.float32).cpu())
     if not states:

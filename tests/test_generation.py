@@ -32,8 +32,13 @@ INSTRUCTIONS = [
 
 
 @pytest.fixture(scope="module", params=["tiny-qwen2", "tiny-llama"])
-def loaded(request):
+def any_model(request):
     return load_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model("tiny-qwen2")
 
 
 def _batch(loaded, instructions):
@@ -41,7 +46,8 @@ def _batch(loaded, instructions):
     return pad_left(encode_prompts(tokenizer, format_prompts(tokenizer, instructions)), tokenizer.pad_token_id)
 
 
-def test_completions_one_per_prompt_in_order(loaded):
+def test_completions_one_per_prompt_in_order(any_model):
+    loaded = any_model
     batched = generate_completions(loaded, INSTRUCTIONS, batch_size=2, max_new_tokens=5, progress=False)
     alone = [generate_completions(loaded, [text], max_new_tokens=5, progress=False)[0] for text in INSTRUCTIONS]
     assert len(batched) == len(INSTRUCTIONS)
@@ -56,7 +62,8 @@ def test_generate_batch_holds_prompt_and_new_tokens(loaded):
     assert output.new_ids.shape == (3, 4)
 
 
-def test_single_bos_in_prompt(loaded):
+def test_single_bos_in_prompt(any_model):
+    loaded = any_model
     batch = _batch(loaded, ["one"])
     bos = loaded.tokenizer.bos_token_id
     # Qwen2's template has no BOS; Llama-3.1's starts with one that must not be doubled.

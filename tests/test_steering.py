@@ -251,3 +251,93 @@ def test_last_token_states_match_generation_prompt_pass(loaded, batch, unsteered
     states = last_token_states(loaded, INSTRUCTIONS, LAYER, batch_size=4)
     assert states.shape == (len(INSTRUCTIONS), loaded.spec.d_model)
     assert torch.allclose(states, unsteered.captured[LAYER][0][:, -1], atol=TOLERANCE)
+
+
+def _gate(d_model: int, layer: int = LAYER, threshold: float = 0.0):
+    from lrsafety.gate import Gate
+
+    generator = np.random.default_rng(0)
+    rank = 3
+    basis, _ = np.linalg.qr(generator.normal(size=(d_model, rank)))
+    return Gate(
+        basis=basis.astype(np.float32), scaler_mean=np.zeros(rank), scaler_scale=np.full(rank, 0.01),
+        weights=generator.normal(size=rank), bias=0.0, threshold=threshold, threshold_rule="balanced_macro_f1",
+        alpha=None, layer=layer, position="t_post_inst", d_model=d_model, rank=rank, language="sw", budget=4,
+        seed=0, provenance={"model": "test"},
+    )
+
+
+def test_gate_width_mismatch_rejected(loaded, tmp_path):
+    from lrsafety.runs import RunDir
+    from lrsafety.steering import gate_path, load_gate
+
+    narrow = _gate(loaded.spec.d_model // 2)
+    with pytest.raises(ValueError, match=f"width {loaded.spec.d_model // 2}.*width {loaded.spec.d_model}"):
+        check_gate_matches_model(narrow, loaded.spec)
+    with pytest.raises(ValueError, match="width"):
+        gate_decisions(narrow, loaded, INSTRUCTIONS)
+
+    run_dir = RunDir(tmp_path / "run")
+    narrow.save(gate_path(run_dir, "sw", 4, 0))
+    with pytest.raises(ValueError, match="width"):
+        load_gate(run_dir, "sw", 4, 0, loaded.spec)
+    with pytest.raises(FileNotFoundError, match="04_recalibration"):
+        load_gate(run_dir, "am", 4, 0, loaded.spec)
+
+
+def test_gate_out_of_range_layer_rejected(loaded):
+    with pytest.raises(ValueError, match="layer 9"):
+        check_gate_matches_model(_gate(loaded.spec.d_model, layer=9), loaded.spec)
+
+
+def test_gate_decisions_follow_gate(loaded, unsteered):
+    states = unsteered.captured[LAYER][0][:, -1]
+    gate = _gate(loaded.spec.d_model, threshold=float(np.median(_gate(loaded.spec.d_model).logits(states))))
+    decisions = gate_decisions(gate, loaded, INSTRUCTIONS, batch_size=3)
+    assert np.allclose(decisions.logits, gate.logits(states), atol=1e-4)
+    assert np.array_equal(decisions.harmful, decisions.logits >= gate.threshold)
+    assert 0 < decisions.harmful.sum() < len(INSTRUCTIONS)
+
+
+def test_refusal_table_rates_and_tier_means():
+    import pandas as pd
+
+    from lrsafety.steering import refusal_table
+
+    rows = []
+    labels = {
+        ("sw", "harmful"): [1, 1, 0, 0], ("sw", "harmless"): [0, 0, 0, 1],
+        ("yo", "harmful"): [1, 1, 1, None], ("yo", "harmless"): [0, 0, 0, 0],
+        ("ar", "harmful"): [1, 1, 1, 1], ("ar", "harmless"): [1, 0, 0, 0],
+    }
+    tiers = {"sw": "low", "yo": "low", "ar": "mid"}
+    for (language, subset), values in labels.items():
+        for prompt_id, value in enumerate(values):
+            rows.append({"condition": "routing", "language": language, "tier": tiers[language], "subset": subset,
+                         "prompt_id": prompt_id, "refusal": np.nan if value is None else float(value)})
+    table = refusal_table(pd.DataFrame(rows)).set_index(["language", "tier"])
+
+    assert table.loc[("sw", "low"), "harmful_refusal"] == pytest.approx(50.0)
+    assert table.loc[("sw", "low"), "harmless_refusal"] == pytest.approx(25.0)
+    assert table.loc[("sw", "low"), "selectivity"] == pytest.approx(25.0)
+    assert table.loc[("yo", "low"), "harmful_refusal"] == pytest.approx(100.0)
+    assert table.loc[("yo", "low"), "n_harmful"] == 3
+    assert table.loc[("yo", "low"), "n_unlabelled"] == 1
+    assert table.loc[("mean", "low"), "selectivity"] == pytest.approx((25.0 + 100.0) / 2)
+    assert table.loc[("mean", "low"), "n_harmful"] == 7
+    assert table.loc[("mean", "mid"), "harmless_refusal"] == pytest.approx(25.0)
+
+
+def test_routing_through_remote_round_trip(loaded, batch, direction):
+    # remote="local" serialises the traced block as a request to NDIF would and runs it in a
+    # fresh source cache, so package objects or unsaved values inside the trace would fail here.
+    routing = ConditionalRouting(direction, LAYER, alpha=2.5, harmful=[True, False, True, False])
+    plan = routing.hook_plan([0, 1, 2, 3])
+    local = generate_batch(loaded, batch, max_new_tokens=NEW_TOKENS, plan=plan, capture_layers=[LAYER])
+    round_trip = generate_batch(loaded, batch, max_new_tokens=NEW_TOKENS, plan=plan, capture_layers=[LAYER], remote="local")
+    assert torch.equal(round_trip.new_ids, local.new_ids)
+    assert len(round_trip.captured[LAYER]) == len(local.captured[LAYER])
+    for remote_step, local_step in zip(round_trip.captured[LAYER], local.captured[LAYER]):
+        assert torch.allclose(remote_step, local_step, atol=TOLERANCE)
+    states = last_token_states(loaded, INSTRUCTIONS, LAYER, remote="local")
+    assert torch.allclose(states, local.captured_before[LAYER][0][:, -1], atol=TOLERANCE)
