@@ -800,7 +800,8 @@ def _run_grid(inputs, languages, budgets, seeds, rank, threshold_rules, readouts
     row_columns: dict[str, list[int]] = {language: [] for language in languages}
     thresholds: dict[str, list[float]] = {language: [] for language in languages}
     total = len(languages) * len(budgets) * len(seeds) * len(readouts) * len(threshold_rules)
-    with tqdm(total=total, desc="recalibration grid", unit="gate", disable=not progress) as bar:
+    # One refresh per second at most keeps the progress output of an executed notebook short.
+    with tqdm(total=total, desc="recalibration grid", unit="gate", mininterval=1.0, disable=not progress) as bar:
         for language in languages:
             for budget in budgets:
                 for seed in seeds:
@@ -912,18 +913,22 @@ def summarize_grid(grid: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS)
 def headline_table(
     summary: pd.DataFrame,
     budgets: Sequence[int] = (0, 1, 2, 4),
-    metric: str = "balanced_accuracy",
+    metrics: Sequence[str] = ("balanced_accuracy", "f1"),
     readout: str = "gate",
     threshold_rule: str = "balanced_macro_f1",
 ) -> pd.DataFrame:
-    """Return "mean ± sd" of one metric per group (rows) and budget (columns): uncalibrated vs few-shot."""
+    """Return "mean ± sd" per group and metric (rows) and budget (columns): uncalibrated vs few-shot."""
     selected = summary[(summary["readout"] == readout) & (summary["threshold_rule"] == threshold_rule)
                        & summary["budget"].isin(list(budgets))]
     if selected.empty:
         raise ValueError(f"the summary has no rows for readout {readout!r}, rule {threshold_rule!r} and budgets {list(budgets)}")
-    cells = selected.assign(value=[_mean_sd(mean, sd) for mean, sd in
-                                   zip(selected[f"{metric}_mean"], selected[f"{metric}_sd"])])
-    table = cells.pivot_table(index=["group", "tier"], columns="budget", values="value", aggfunc="first", sort=False)
+    parts = []
+    for metric in metrics:
+        values = [_mean_sd(mean, sd) for mean, sd in zip(selected[f"{metric}_mean"], selected[f"{metric}_sd"])]
+        parts.append(selected[["group", "tier", "budget"]].assign(metric=metric, value=values))
+    cells = pd.concat(parts, ignore_index=True)
+    table = cells.pivot_table(index=["group", "tier", "metric"], columns="budget", values="value", aggfunc="first",
+                              sort=False)
     table.columns = [f"b={budget}" for budget in table.columns]
     return table.reset_index()
 

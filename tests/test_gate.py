@@ -296,8 +296,11 @@ def test_summaries_average_seeds_and_languages(grid):
     assert cell["n_seeds"].item() == 3
 
     headline = headline_table(summary, budgets=(0, 1, 4))
-    assert list(headline.columns) == ["group", "tier", "b=0", "b=1", "b=4"]
-    assert list(headline["group"]) == ["sw", "yo", "low", "all targets"]
+    assert list(headline.columns) == ["group", "tier", "metric", "b=0", "b=1", "b=4"]
+    assert list(headline["group"].unique()) == ["sw", "yo", "low", "all targets"]
+    sw_row = headline[(headline["group"] == "sw") & (headline["metric"] == "balanced_accuracy")]
+    mean, sd = cell["balanced_accuracy_mean"].item(), cell["balanced_accuracy_sd"].item()
+    assert sw_row["b=4"].item() == f"{mean:.3f} ± {sd:.3f}"
     comparison = rule_comparison_table(summary)
     assert set(comparison["threshold_rule"]) == {"balanced_macro_f1", "conformal"}
     assert list(comparison["group"].unique()) == ["low", "all targets"]
