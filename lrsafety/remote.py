@@ -288,9 +288,10 @@ def trace_options(
     """Return the keyword arguments that route one ``trace``/``generate`` call.
 
     ``{}`` for a local run, a ``LocalRoundTripBackend`` for ``"local"`` (the NDIF round trip
-    in this process), and an ``NdifBackend`` for NDIF. Call it once per trace, because a backend serves one job.
-    For NDIF it first checks ``NDIF_API_KEY`` and that NDIF lists the model. ``model_key``
-    overrides the key nnsight builds from the model (which asks the Hugging Face Hub).
+    in this process), and an ``NdifBackend`` for NDIF. Call it once per trace, because a
+    backend serves one job. For NDIF it first checks ``NDIF_API_KEY`` and that NDIF lists the
+    model. ``model_key`` overrides the key nnsight builds from the model, which queries the
+    Hugging Face Hub.
     """
     mode = normalize_remote(remote)
     if mode is False:

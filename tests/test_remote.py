@@ -205,6 +205,9 @@ def loaded():
 @pytest.fixture()
 def ndif(loaded, monkeypatch):
     server = LoopbackNdif(loaded.model).start()
+    # trace_options writes the host and key into nnsight's in-memory config; undo that afterwards.
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", nnsight.CONFIG.API.APIKEY)
+    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", nnsight.CONFIG.API.HOST)
     monkeypatch.setenv(remote.API_KEY_VARIABLE, SENTINEL_KEY)
     monkeypatch.setenv(remote.HOST_VARIABLE, server.url)
     monkeypatch.delenv(remote.SKIP_STATUS_CHECK_VARIABLE, raising=False)
