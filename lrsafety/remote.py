@@ -322,6 +322,10 @@ class NdifBackend(RemoteBackend):
     The job is sent and awaited exactly as ``remote=True`` does (one ``/subscribe`` websocket,
     status updates, result pushed back into the caller's frame). nnsight's status line is shown
     when ``progress`` is set; status changes are logged either way.
+
+    NOTE: the deadline is checked while the job is awaited. Opening the websocket and reading
+    its first message have no timeout in nnsight 0.8.1, so a server that accepts the connection
+    and then stays silent can still block the caller there.
     """
 
     def __init__(
