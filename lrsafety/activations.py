@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from lrsafety.prompts import POSITIONS, encode_prompts, find_t_inst_offset, format_prompts, pad_left
@@ -305,9 +306,7 @@ def _extract_cell(loaded, plan: _CellPlan, run_dir: RunDir, t_inst_offset: int, 
         result[rows] = values
         bar.update(len(rows))
 
-    metadata = dict(plan.metadata, checksum=_checksum(result))
-    with atomic_path(target) as temporary:
-        _save_cell_file(temporary, result, torch.from_numpy(plan.prompt_ids), metadata)
+    write_cell(run_dir, plan.key.language, plan.key.subset, plan.key.split, result, plan.prompt_ids, plan.metadata)
     shutil.rmtree(shard_dir.parent, ignore_errors=True)
     logger.info("Wrote %s: %d prompts in %d batches", target, n_rows, len(plan.batches))
     return target
@@ -319,10 +318,63 @@ def _trace_batch(loaded, batch, t_inst_offset: int, remote) -> torch.Tensor:
     positions = [t_inst_offset, -1]
     saved = []
     with torch.no_grad():
-        with loaded.model.trace(batch.as_inputs(), remote=remote):
+        with loaded.model.trace(batch.as_inputs(), remote=remote) as tracer:
             for layer in range(loaded.spec.n_layers):
                 saved.append(loaded.layers[layer].output[:, positions, :].save())
+            # Nothing after the last block is needed; stopping skips the final norm and the
+            # unembedding, whose logits for a 256k vocabulary dominate memory on long batches.
+            tracer.stop()
     return torch.stack([value.detach().to("cpu", torch.float32) for value in saved], dim=1)
+
+
+def write_cell(
+    run_dir: str | Path | RunDir,
+    language: str,
+    subset: str,
+    split: str,
+    activations: torch.Tensor,
+    prompt_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write one cell file atomically and return its path.
+
+    ``activations`` is ``[N, n_layers, len(POSITIONS), d_model]`` (float32 or bfloat16, stored
+    as given). Metadata fields the file format needs (positions, shapes, dtype, checksum,
+    format version, the cell's names) are filled in; ``metadata`` adds or overrides the rest,
+    e.g. the model name. Extraction writes through this function, and so can tests or
+    analyses that build activations another way.
+    """
+    activations = activations.detach().cpu().contiguous()
+    dtype_names = {dtype: name for name, dtype in ACTIVATION_DTYPES.items()}
+    if activations.ndim != 4 or activations.shape[2] != len(POSITIONS) or activations.dtype not in dtype_names:
+        raise ValueError(
+            f"cell {CellKey(language, subset, split)}: expected float32 or bfloat16 activations of shape "
+            f"[N, n_layers, {len(POSITIONS)}, d_model], got {activations.dtype} {tuple(activations.shape)}"
+        )
+    prompt_ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))
+    if prompt_ids.shape != (activations.shape[0],):
+        raise ValueError(
+            f"cell {CellKey(language, subset, split)}: {prompt_ids.numel()} prompt ids for {activations.shape[0]} rows"
+        )
+    fields = {
+        "format_version": FORMAT_VERSION,
+        "model_name": "unknown",
+        "model_source": "unknown",
+        "language": language,
+        "subset": subset,
+        "split": split,
+        "positions": ",".join(POSITIONS),
+        "n_prompts": str(activations.shape[0]),
+        "n_layers": str(activations.shape[1]),
+        "d_model": str(activations.shape[3]),
+        "activation_dtype": dtype_names[activations.dtype],
+    }
+    fields.update(metadata or {})
+    fields["checksum"] = _checksum(activations)
+    target = cell_path(run_dir, language, subset, split)
+    with atomic_path(target) as temporary:
+        _save_cell_file(temporary, activations, prompt_ids, fields)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +527,41 @@ def cell_metadata(run_dir: str | Path | RunDir, language: str, subset: str, spli
             return dict(handle.metadata() or {})
     except Exception as error:  # noqa: BLE001 - reported as a corrupt cell
         raise CellError(f"activations for cell {key} are corrupt ({path}): {error}") from error
+
+
+def activation_inventory(run_dir: str | Path | RunDir) -> pd.DataFrame:
+    """Return one row per cell file with its prompt count, shape, dtype and size (headers only)."""
+    rows = []
+    for language, subset, split in available_cells(run_dir):
+        metadata = cell_metadata(run_dir, language, subset, split)
+        path = cell_path(run_dir, language, subset, split)
+        rows.append({
+            "language": language,
+            "subset": subset,
+            "split": split,
+            "n_prompts": int(metadata.get("n_prompts", 0)),
+            "n_layers": int(metadata.get("n_layers", 0)),
+            "d_model": int(metadata.get("d_model", 0)),
+            "activation_dtype": metadata.get("activation_dtype"),
+            "megabytes": round(path.stat().st_size / 2**20, 2),
+        })
+    return pd.DataFrame(rows, columns=["language", "subset", "split", "n_prompts", "n_layers", "d_model", "activation_dtype", "megabytes"])
+
+
+def position_preview(loaded, instruction: str = "Explain photosynthesis.", system_prompt: str | None = None) -> pd.DataFrame:
+    """Return the last prompt tokens of a templated instruction, marking ``t_inst`` and ``t_post_inst``.
+
+    One row per token from a few tokens before ``t_inst`` to the end, with its index from the
+    end, the decoded text and the position name (if any), to check the offset by eye.
+    """
+    tokenizer = loaded.tokenizer
+    offset = find_t_inst_offset(tokenizer, system_prompt)
+    ids = encode_prompts(tokenizer, format_prompts(tokenizer, [instruction], system_prompt))[0]
+    rows = []
+    for index in range(max(offset - 3, -len(ids)), 0):
+        names = {offset: "t_inst", -1: "t_post_inst"}
+        rows.append({"index_from_end": index, "token": repr(tokenizer.decode([ids[index]])), "position": names.get(index, "")})
+    return pd.DataFrame(rows)
 
 
 def activation_model_info(run_dir: str | Path | RunDir) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from lrsafety.activations import CellActivations, available_cells, load_cell
@@ -147,13 +148,13 @@ def compute_directions(
     """
     cells = set(available_cells(run_dir))
     with_data = sorted({language for language, _, cell_split in cells if cell_split == split})
-    wanted = list(languages) if languages is not None else with_data
+    requested = list(languages) if languages is not None else with_data
     complete = [
         language
-        for language in wanted
+        for language in requested
         if (language, "harmful", split) in cells and (language, "harmless", split) in cells
     ]
-    incomplete = sorted(set(wanted) - set(complete))
+    incomplete = sorted(set(requested) - set(complete))
     if incomplete:
         logger.warning("No %s directions for %s: a harmful or harmless %s cell is missing", split, ", ".join(incomplete), split)
     if not complete:
@@ -265,6 +266,32 @@ def load_directions(run_dir: str | Path | RunDir) -> Directions:
         d_model=int(metadata["d_model"]),
         metadata=metadata,
     )
+
+
+def direction_cosines(directions: Directions, layer: int, position: str = "t_post_inst", names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Return the cosine similarity between directions (all names by default) at one layer."""
+    names = list(names) if names is not None else [*directions.languages, *POOLED_NAMES]
+    stacked = directions.stack(names, layer, position).astype(np.float64)
+    stacked = unit(stacked)
+    return pd.DataFrame(stacked @ stacked.T, index=names, columns=names)
+
+
+def plot_direction_cosines(cosines: pd.DataFrame, model_name: str, layer: int, position: str = "t_post_inst"):
+    """Plot a cosine-similarity heatmap of directions (languages labelled with their tier)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    labels = [f"{name} ({resource_tier(name)})" if _is_study_language(name) else name for name in cosines.index]
+    size = 1.6 + 0.42 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    sns.heatmap(
+        cosines.set_axis(labels, axis=0).set_axis(labels, axis=1), vmin=-1, vmax=1, cmap="RdBu_r", center=0,
+        annot=len(labels) <= 26, fmt=".2f", annot_kws={"fontsize": 7}, square=True, ax=ax,
+        cbar_kws={"label": "cosine similarity", "shrink": 0.7},
+    )
+    ax.set_title(f"{model_name}: harmfulness directions (train), layer {layer}, {position}", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def _check_compatible(reference: CellActivations, cell: CellActivations) -> None:

@@ -249,9 +249,8 @@ def test_bad_requests_name_the_value(models, one_cell, tmp_path):
 def test_empty_cell_file_is_rejected(models, one_cell, tmp_path):
     (path,) = extract_activations(models["tiny-qwen2"], one_cell, tmp_path, progress=False)
     tensors, metadata = activations._load_safetensors(path)
-    empty = tensors["activations"][:0]
-    metadata = dict(metadata, checksum=activations._checksum(empty), n_prompts="0")
-    activations._save_cell_file(path, empty, tensors["prompt_ids"][:0], metadata)
+    metadata.pop("checksum")
+    activations.write_cell(tmp_path, "yo", "harmful", "val", tensors["activations"][:0], [], dict(metadata, n_prompts="0"))
     with pytest.raises(CellError, match="yo/harmful/val is empty"):
         load_cell(tmp_path, "yo", "harmful", "val")
     with pytest.raises(CellError, match="yo/harmful/val is empty"):
