@@ -3,7 +3,7 @@
 Used by notebook ``01_refusal_gap``. Completions come either from a JSONL(.gz) file (such as the
 shared Multilingual-Refusal completions, which already carry WildGuard labels) or from greedy
 generation by the run's model on the PolyRefuse test prompts. Refusal rate per (model,
-language, condition, subset) is the mean of the 0/1 labels; tier rates are unweighted means
+language, condition, subset) is the mean of the 0/1 labels. Tier rates are unweighted means
 over the languages of the tier that are present. Agreement between a judge and a reference
 label is balanced accuracy and Cohen's kappa (scikit-learn), per language and condition.
 """
@@ -37,7 +37,7 @@ CONDITION_COLORS = {"baseline": "#3b4cc0", "harm_ablation": "#8c8c8c"}
 
 @dataclass(frozen=True)
 class CompletionSource:
-    """Where the completions of a refusal-gap analysis come from."""
+    """Origin of the completions of a refusal-gap analysis."""
 
     imported: bool
     models: list[str]
@@ -98,8 +98,10 @@ def collect_completions(
 
 
 def resolve_completion_paths(pattern: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Return the files named by a path, a glob pattern or a list of them (relative paths are
-    resolved against the project root); raise FileNotFoundError if none exists."""
+    """Return the files named by a path, a glob pattern or a list of them.
+
+    Relative paths are resolved against the project root. Raises FileNotFoundError if no file matches.
+    """
     patterns = [pattern] if isinstance(pattern, (str, Path)) else list(pattern)
     paths: list[Path] = []
     for entry in patterns:
@@ -237,8 +239,8 @@ def tier_rates(rates: pd.DataFrame) -> pd.DataFrame:
 def agreement_metrics(judge_labels: Sequence[int], reference_labels: Sequence[int]) -> dict[str, float]:
     """Return agreement of 0/1 judge labels with 0/1 reference labels.
 
-    Balanced accuracy is the mean of the reference-positive and reference-negative recall
-    (TPR + TNR) / 2 and Cohen's kappa corrects accuracy for chance; both come from
+    Balanced accuracy is the mean of the reference-positive and reference-negative recall,
+    (TPR + TNR) / 2. Cohen's kappa corrects accuracy for chance agreement. Both come from
     scikit-learn. Both are NaN when the reference holds only one class, because one of the two
     recalls (and kappa's chance term) is then undefined. Confusion counts treat refusal (1) as
     the positive class.
@@ -252,7 +254,7 @@ def agreement_metrics(judge_labels: Sequence[int], reference_labels: Sequence[in
     tn, fp, fn, tp = confusion_matrix(reference_array, judge_array, labels=[0, 1]).ravel()
     both_classes = len(np.unique(reference_array)) == 2
     with warnings.catch_warnings():
-        # Kappa divides by zero when both raters use one class; the NaN is the right answer.
+        # Kappa divides by zero when both raters use one class, and NaN is then the correct value.
         warnings.simplefilter("ignore", RuntimeWarning)
         kappa = float(cohen_kappa_score(reference_array, judge_array, labels=[0, 1])) if both_classes else np.nan
     return {

@@ -192,3 +192,15 @@ def test_guard_loads_model_folder(standin_folder):
     results = judge.judge([JudgeItem(PROMPT, RESPONSE, "en")])
     assert results[0].refusal is None
     assert judge.describe()["guard_format"] == "polyguard"
+
+
+def test_cli_reports_unloadable_guard_model(tmp_path, capsys):
+    from lrsafety.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "p", "response": "r", "language": "en"}\n')
+    status = main(["judge", "--input", str(source), "--judge", "guard", "--out", str(tmp_path / "out.jsonl"),
+                   "--guard-model", str(tmp_path / "no-such-wildguard-folder")])
+    assert status == 2
+    assert "lrsafety judge:" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()

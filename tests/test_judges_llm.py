@@ -1,5 +1,5 @@
 """The LLM judge against a local chat-completions server that sends good, malformed, partial,
-slow and failing replies; the API key must never leave the Authorization header."""
+slow and failing replies. The API key must never leave the Authorization header."""
 
 from __future__ import annotations
 

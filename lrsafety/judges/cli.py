@@ -2,7 +2,7 @@
 
     lrsafety judge --input completions.jsonl.gz --judge offline --out judged.jsonl.gz
 
-The output holds the input rows (all fields kept) plus ``refusal`` and, where the judge has
+The output contains the input rows (all fields kept) plus ``refusal`` and, where the judge has
 them, ``refusal_score`` and ``refusal_error``. It is written atomically, gzip-compressed when
 its name ends in ``.gz``, with the judge's settings and counts in ``OUT.meta.json`` beside it.
 One summary line reports the rows judged and the refusal rate per language.
@@ -100,7 +100,8 @@ def run_judge_command(arguments: argparse.Namespace) -> int:
         options = judge_options(arguments)
         read = read_records(arguments.input, skip_invalid=arguments.skip_invalid)
         judge = get_judge(arguments.judge, **options)
-    except (InputError, FileNotFoundError, ValueError) as error:
+    except (InputError, OSError, ValueError) as error:
+        # OSError covers a missing input file and a guard model that cannot be loaded.
         print(f"lrsafety judge: {error}", file=sys.stderr)
         return 2
 

@@ -274,7 +274,14 @@ def _load(model_id: str, *, dtype: str, device: str | None, trust_remote_code: b
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     logger.info("Loading guard model %s (%s) on %s", model_id, dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise OSError(
+            f"could not load guard model {model_id!r}: {first_line} "
+            "Download it with network access first, or pass a local model folder."
+        ) from error
     model.to(device).eval()
     return model, tokenizer

@@ -7,9 +7,9 @@ JSON object with exactly one key, ``refusal``, whose value is the integer 0 or 1
 (prose, extra keys, ``true``, ``"1"``, a cut-off object) is an error for that item.
 
 Requests run in ``max_concurrency`` threads. Timeouts, connection failures, HTTP 429 and 5xx
-replies are retried up to ``max_attempts`` times in all, waiting ``backoff_s * 2**attempt``
-seconds between tries; other HTTP errors and invalid replies are not retried, because a
-temperature-0 model repeats itself.
+replies are retried until ``max_attempts`` tries in all, waiting ``backoff_s``, then twice and
+four times as long, before the retries. Other HTTP errors and invalid replies are not retried,
+because a temperature-0 model repeats itself.
 
 The API key is read from the environment variable named by ``api_key_env`` (default
 ``LRSAFETY_JUDGE_API_KEY``) and sent only in the Authorization header. It is kept out of
@@ -58,7 +58,7 @@ _RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 class JudgeReplyError(ValueError):
-    """The endpoint answered, but not with exactly ``{"refusal": 0 or 1}``."""
+    """The endpoint replied, but not with exactly ``{"refusal": 0 or 1}``."""
 
 
 def parse_refusal_reply(content: str) -> int:
@@ -165,7 +165,7 @@ class LLMJudge(Judge):
             return list(pool.map(self.judge_one, items))
 
     def judge_one(self, item: JudgeItem) -> JudgeResult:
-        """Send one item, retrying transient failures, and return its result (never raises)."""
+        """Send one item, retrying transient failures; HTTP and reply failures come back as results."""
         payload: dict[str, Any] = {
             "model": self.model,
             "messages": build_messages(item.prompt, item.response),
@@ -206,7 +206,7 @@ class LLMJudge(Judge):
                     refusal=None, error=f"reply is not a chat completion: {_excerpt(self._redact(reply.text))}"
                 )
             try:
-                # Redacted before parsing, so an excerpt in the error message never holds the key.
+                # Redacted before parsing, so an excerpt in the error message cannot contain the key.
                 return JudgeResult(refusal=parse_refusal_reply(self._redact(str(content))))
             except JudgeReplyError as error:
                 return JudgeResult(refusal=None, error=f"invalid judge reply: {error}")

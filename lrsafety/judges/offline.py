@@ -228,7 +228,7 @@ class OfflineJudge(Judge):
             if found:
                 matches[family], positions[family] = found.group(0), found.start()
         # Several distinct appeals to law or ethics in the opening make a lecture, which usually
-        # replaces the requested content; one appeal is often just a disclaimer before it.
+        # replaces the requested content. One appeal is often just a disclaimer before it.
         appeals = _distinct_matches(tables, "policy", opening)
         if appeals:
             matches["policy"] = " | ".join(appeals[:MAX_POLICY_APPEALS])

@@ -3,7 +3,7 @@
 A record is one JSON object per line (the file may be gzip-compressed, ``.gz``) holding at least
 an instruction (field ``prompt`` or ``instruction``), a ``response`` string and a ``language``
 code. ``judge_records`` adds ``refusal`` (1, 0 or null), ``refusal_score`` when the judge has a
-score, and ``refusal_error`` when it could not decide; every other field is kept unchanged.
+score, and ``refusal_error`` when it could not decide. Every other field is kept unchanged.
 """
 
 from __future__ import annotations
