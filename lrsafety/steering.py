@@ -276,7 +276,8 @@ def last_token_states(
 
 
 def check_gate_matches_model(gate, spec) -> None:
-    """Raise ValueError when a gate was fitted for another model's width or layer count."""
+    """Raise ValueError when a gate was fitted for another model's width or layer count, or on
+    another position than ``t_post_inst``."""
     if int(gate.d_model) != int(spec.d_model):
         raise ValueError(
             f"the gate expects activations of width {gate.d_model} but {spec.name} has width "
@@ -284,6 +285,12 @@ def check_gate_matches_model(gate, spec) -> None:
         )
     if not 0 <= int(gate.layer) < int(spec.n_layers):
         raise ValueError(f"the gate reads layer {gate.layer}, which {spec.name} ({spec.n_layers} layers) does not have")
+    position = getattr(gate, "position", "t_post_inst")
+    if position != "t_post_inst":
+        raise ValueError(
+            f"the gate reads position {position!r}, but routing decides from the last prompt token "
+            "(t_post_inst); fit the gate on t_post_inst activations"
+        )
 
 
 @dataclass(frozen=True)

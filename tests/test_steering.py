@@ -290,6 +290,14 @@ def test_gate_out_of_range_layer_rejected(loaded):
         check_gate_matches_model(_gate(loaded.spec.d_model, layer=9), loaded.spec)
 
 
+def test_gate_on_t_inst_rejected(loaded):
+    import dataclasses
+
+    gate = dataclasses.replace(_gate(loaded.spec.d_model), position="t_inst")
+    with pytest.raises(ValueError, match="t_post_inst"):
+        check_gate_matches_model(gate, loaded.spec)
+
+
 def test_gate_decisions_follow_gate(loaded, unsteered):
     states = unsteered.captured[LAYER][0][:, -1]
     gate = _gate(loaded.spec.d_model, threshold=float(np.median(_gate(loaded.spec.d_model).logits(states))))
