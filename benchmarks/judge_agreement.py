@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import pandas as pd
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
+from benchmarks.common import environment  # noqa: E402
 from lrsafety import refusal_gap  # noqa: E402
 
 TARGET_BALANCED_ACCURACY = 0.90
@@ -49,17 +49,6 @@ def completions_folder() -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"shared completions not found at {folder}; set LRSAFETY_POLYREFUSE")
     return folder
-
-
-def cpu_model() -> str:
-    """Return the CPU model name from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def agreement_by_split(table: pd.DataFrame) -> pd.DataFrame:
@@ -146,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "judge_agreement",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
-        "machine": {
-            "cpu": cpu_model(),
-            "logical_cpus": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "python": platform.python_version(),
-        },
+        "machine": environment(),
         "inputs": sorted(path.name for path in folder.glob("*.jsonl.gz")),
         "responses": int(len(table)),
         "judge": judge_settings,
