@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from lrsafety.activations import CellActivations, available_cells, load_cell
-from lrsafety.languages import high_resource_languages, resource_tier
+from lrsafety.languages import high_resource_languages, resource_tier, tier_order
 from lrsafety.runs import RunDir, atomic_path, write_json
 
 logger = logging.getLogger("lrsafety")
@@ -151,7 +151,7 @@ def compute_directions(
     requested = list(languages) if languages is not None else with_data
     complete = [
         language
-        for language in requested
+        for language in tier_order(requested)
         if (language, "harmful", split) in cells and (language, "harmless", split) in cells
     ]
     incomplete = sorted(set(requested) - set(complete))
@@ -289,8 +289,8 @@ def plot_direction_cosines(cosines: pd.DataFrame, model_name: str, layer: int, p
         annot=len(labels) <= 26, fmt=".2f", annot_kws={"fontsize": 7}, square=True, ax=ax,
         cbar_kws={"label": "cosine similarity", "shrink": 0.7},
     )
-    ax.set_title(f"{model_name}: harmfulness directions (train), layer {layer}, {position}", fontsize=10)
-    fig.tight_layout()
+    ax.set_title(f"{model_name}: harmfulness directions (train), layer {layer}, {position}", fontsize=10, pad=12)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig
 
 

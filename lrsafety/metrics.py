@@ -600,11 +600,11 @@ def plot_auc_by_layer(table: pd.DataFrame, model_name: str, paper_layer: int | N
     axes[0, 0].xaxis.get_major_locator().set_params(integer=True)
     if axes[0, 0].get_legend() is not None:
         axes[0, 0].legend(title="tier", fontsize=8, title_fontsize=8, loc="lower left")
-    caption = f"{model_name}: test {value.replace('_', ' ')} per tier (mean ± sd over languages)"
+    label = "AUC" if value == "auc" else value.replace("_", " ")
+    caption = f"{model_name}: test {label} per tier (mean ± sd over languages)"
     if paper_layer is not None:
         caption += f"; dashed line = layer {paper_layer}"
-    fig.suptitle(caption, y=0.955 if len(positions) > 1 else 0.93, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    _title_below_banner(fig, caption)
     return fig
 
 
@@ -627,8 +627,7 @@ def plot_language_heatmap(table: pd.DataFrame, layer: int, model_name: str, posi
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.set_xticklabels([name.replace("_", "\n") for name in matrix.columns], rotation=0, fontsize=8)
-    fig.suptitle(f"{model_name}: test separability at layer {layer}, {position} (controls averaged)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    _title_below_banner(fig, f"{model_name}: test separability at layer {layer}, {position} (controls averaged)")
     return fig
 
 
@@ -638,23 +637,24 @@ def plot_projection_distributions(frame: pd.DataFrame, model_name: str, layer: i
     import seaborn as sns
 
     tiers = [tier for tier in ("high", "mid", "low", "other") if tier in set(frame["tier"])]
-    fig, axes = plt.subplots(1, len(tiers), figsize=(3.6 * len(tiers), 3.4), squeeze=False)
-    for ax, tier in zip(axes[0], tiers):
+    fig, axes = plt.subplots(1, len(tiers), figsize=(3.8 * len(tiers), 3.4), squeeze=False)
+    for column, (ax, tier) in enumerate(zip(axes[0], tiers)):
         subset = frame[frame["tier"] == tier]
         sns.histplot(
             data=subset, x="score", hue="subset", hue_order=list(_SUBSET_PALETTE), palette=_SUBSET_PALETTE,
-            stat="density", common_norm=False, element="step", bins=40, ax=ax,
+            stat="density", common_norm=False, element="step", bins=40, ax=ax, legend=column == len(tiers) - 1,
         )
         if threshold is not None:
             ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
-        languages = ", ".join(tier_order(sorted(set(subset["language"]))))
-        ax.set_title(f"{tier}-resource ({languages})", fontsize=9)
+        languages = tier_order(sorted(set(subset["language"])))
+        shown = ", ".join(languages) if len(languages) <= 6 else f"{len(languages)} languages"
+        ax.set_title(f"{tier}-resource ({shown})", fontsize=9)
         ax.set_xlabel(f"projection on {direction}")
-    fig.suptitle(
-        f"{model_name}: test projections at layer {layer}" + ("; dashed = threshold fitted on HRL train" if threshold is not None else ""),
-        fontsize=11,
-    )
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1.0), title="subset", frameon=False)
+    title = f"{model_name}: test projections at layer {layer}"
+    if threshold is not None:
+        title += "; dashed = threshold fitted on HRL train"
+    _title_below_banner(fig, title)
     return fig
 
 
@@ -665,24 +665,32 @@ def plot_u_score(by_layer: pd.DataFrame, model_name: str, selected_layer: int | 
     from lrsafety.figures import TIER_PALETTE
 
     rows = by_layer[by_layer["position"] == position].sort_values("layer")
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for tier, colour in TIER_PALETTE.items():
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    # The high tier without English is the selection curve, drawn once.
+    ax.plot(rows["layer"], rows["u_score_hrl"], marker="o", color=TIER_PALETTE["high"], label="high-resource,\nnon-English (selection)")
+    for tier in ("mid", "low"):
         column = f"u_score_{tier}"
         if column in rows:
-            ax.plot(rows["layer"], rows[column], marker="o", color=colour, label=f"{tier}-resource")
-    ax.plot(rows["layer"], rows["u_score_hrl"], color="black", linestyle="--", label="non-English HRL (selection)")
+            ax.plot(rows["layer"], rows[column], marker="o", color=TIER_PALETTE[tier], label=f"{tier}-resource")
     if selected_layer is not None:
         ax.axvline(selected_layer, color="grey", linestyle=":", linewidth=1)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("layer")
-    ax.set_ylabel("U-score (matched − random similarity)")
-    ax.legend(fontsize=8)
-    title = f"{model_name}: U-score against English, train, {position}"
+    ax.set_ylabel("U-score")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    title = f"{model_name}: U-score against English (matched − random similarity), train, {position}"
     if selected_layer is not None:
-        title += f"; selected layer {selected_layer}"
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+        title += f"\nselected layer {selected_layer}"
+    _title_below_banner(fig, title)
     return fig
+
+
+def _title_below_banner(fig, title: str) -> None:
+    """Set a figure title below the stand-in banner and lay out the axes under it."""
+    # A blank first line keeps the top strip free for the banner that save_figure draws there;
+    # tight_layout reserves room for an automatically placed suptitle, blank line included.
+    fig.suptitle("\n" + title, fontsize=10.5, linespacing=1.9)
+    fig.tight_layout()
 
 
 __all__ = [
