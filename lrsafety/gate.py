@@ -1060,8 +1060,10 @@ def _shade_uncertified(axis, budgets: Sequence[int], alpha: float, label: bool) 
         return
     axis.axvspan(min(positions) - 0.4, max(positions) + 0.4, color="0.9", zorder=0)
     if label:
-        axis.text((min(positions) + max(positions)) / 2, 0.5, f"b < {minimum_calibration_size(alpha)}:\nconformal\nflags all",
-                  transform=axis.get_xaxis_transform(), ha="center", va="center", fontsize=7, color="0.35")
+        # Near the top of the panel, where the flat lines of the shaded budgets do not run.
+        axis.text((min(positions) + max(positions)) / 2, 0.82, f"b < {minimum_calibration_size(alpha)}: conformal\nflags every prompt",
+                  transform=axis.get_xaxis_transform(), ha="center", va="center", fontsize=7, color="0.3",
+                  bbox={"facecolor": "0.9", "edgecolor": "none", "pad": 1})
 
 
 def _finish_figure(fig, palette: dict, title: str) -> None:
