@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import filecmp
 import html
 import json
 import logging
+import numbers
 import os
 import re
 import shutil
@@ -50,6 +52,11 @@ SITE_MARKER = ".lrsafety-site"
 # Set while ``lrsafety report`` runs quarto, so the pre-render hook in _quarto.yml does not stage again.
 STAGED_ENVIRONMENT_VARIABLE = "LRSAFETY_REPORT_STAGED"
 LABEL_SEPARATOR = "--"
+# The recalibration headline: the gate's own readout, at the budgets the paper calls few-shot.
+HEADLINE_READOUT = "gate"
+HEADLINE_BUDGETS = (0, 1, 2, 3, 4)
+# The position that every gate and intervention reads: the last prompt token.
+HEADLINE_POSITION = "t_post_inst"
 
 _OPTION_LINE = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
 _INCLUDE_LINE = re.compile(r"^\s*\{\{<\s*include\s+(\S+)\s*>\}\}\s*$")
@@ -120,9 +127,19 @@ class Run:
         return f"{text} (stand-in)" if self.is_standin else text
 
     def notebook_record(self, notebook: str) -> dict[str, Any] | None:
-        """Return the manifest entry of ``notebook`` (the latest one if it ran more than once)."""
+        """Return the manifest entry of ``notebook`` from the latest invocation that ran it.
+
+        The runner keeps only a summary (name and status) of earlier invocations in
+        ``previous_runs``, so a notebook run by an earlier ``lrsafety run`` has no parameters here.
+        """
         records = [entry for entry in self.manifest.get("notebooks", []) if entry.get("notebook") == notebook]
-        return records[-1] if records else None
+        if records:
+            return records[-1]
+        for earlier in reversed(self.manifest.get("previous_runs", [])):
+            for name, status in earlier.get("notebooks", []):
+                if name == notebook:
+                    return {"notebook": name, "status": status, "finished": earlier.get("finished")}
+        return None
 
     def notebook_status(self, notebook: str) -> str:
         """``ok``, ``failed``, ``interrupted``, ``running``, or ``not run`` when the run lacks it."""
@@ -182,7 +199,12 @@ class LabeledCell:
 
     @property
     def kind(self) -> str:
-        return "figure" if self.label.startswith("fig-") else "table" if self.label.startswith("tbl-") else "output"
+        """``figure`` for ``fig-`` labels, ``table`` for ``tbl-`` labels, otherwise ``output``."""
+        if self.label.startswith("fig-"):
+            return "figure"
+        if self.label.startswith("tbl-"):
+            return "table"
+        return "output"
 
 
 def cell_options(source: str) -> dict[str, str]:
@@ -240,9 +262,11 @@ def notebook_title(notebook) -> str | None:
 
 
 def _label_title(label: str) -> str:
-    """``fig-data-counts`` -> ``Data counts``."""
-    words = label.split("-", 1)[-1].replace("-", " ")
-    return words[:1].upper() + words[1:]
+    """``fig-data-counts`` -> ``Data counts (figure)``: the title of a cell with no heading of its own."""
+    kind, _, name = label.partition("-")
+    words = name.replace("-", " ") or label
+    suffix = {"fig": " (figure)", "tbl": " (table)"}.get(kind, "")
+    return words[:1].upper() + words[1:] + suffix
 
 
 def _demote_headings(markdown: str, levels: int) -> str:
@@ -280,8 +304,9 @@ def _first_column(frame: pd.DataFrame, names: tuple[str, ...]) -> str | None:
 def _tier_columns(frame: pd.DataFrame, index: list[str], value: str) -> pd.DataFrame:
     """Average ``value`` per ``index`` × tier and spread the tiers (high, mid, low) into columns."""
     table = frame.pivot_table(index=index, columns="tier", values=value, aggfunc="mean", sort=False)
-    ordered = [tier for tier in TIERS if tier in table.columns]
-    return table[ordered].reset_index()
+    table = table[[tier for tier in TIERS if tier in table.columns]].reset_index()
+    table.columns.name = None
+    return table
 
 
 # Rows that tables add as aggregates over languages (e.g. ``language = "mean"`` per tier); the
@@ -290,9 +315,12 @@ _AGGREGATE_LANGUAGES = ("mean", "all", "macro", "overall")
 
 
 def _per_language(frame: pd.DataFrame) -> pd.DataFrame:
-    if "language" not in frame.columns:
-        return frame
-    return frame[~frame["language"].astype(str).isin(_AGGREGATE_LANGUAGES)]
+    """Keep the rows of one language in a known tier (drops aggregate and source-only rows)."""
+    if "language" in frame.columns:
+        frame = frame[~frame["language"].astype(str).isin(_AGGREGATE_LANGUAGES)]
+    if "tier" in frame.columns:
+        frame = frame[frame["tier"].isin(TIERS)]
+    return frame
 
 
 def _collect(runs: list[Run], table_name: str, notebook: str, required: tuple[str, ...]) -> tuple[list[tuple[Run, pd.DataFrame]], list[str]]:
@@ -320,9 +348,7 @@ def refusal_gap_headline(runs: list[Run]) -> Headline:
         if rate is None:
             missing.append(f"{run.display_name}: tables/refusal_gap.csv has no refusal_rate column")
             continue
-        if "subset" in frame.columns:
-            frame = frame[frame["subset"] == "harmful"]
-        index = [column for column in ("condition", "judge") if column in frame.columns]
+        index = [column for column in ("subset", "condition", "judge") if column in frame.columns]
         if not index:
             frame, index = frame.assign(condition="all"), ["condition"]
         table = _tier_columns(frame, index, rate)
@@ -331,14 +357,14 @@ def refusal_gap_headline(runs: list[Run]) -> Headline:
         parts.append(table.assign(model=run.display_name))
     return Headline(
         "refusal_gap", "Refusal gap by resource tier",
-        "Refusal rate of harmful test prompts, unweighted mean over the languages of each tier "
-        "(tables/refusal_gap.csv).",
+        "Refusal rate (share of completions judged a refusal) of harmful and harmless test "
+        "prompts, unweighted mean over the languages of each tier (tables/refusal_gap.csv).",
         "refusal-gap", _stack(parts), missing,
     )
 
 
 def separability_headline(runs: list[Run]) -> Headline:
-    """AUC of the harmfulness direction at the paper's layer, per position, direction and tier."""
+    """AUC of each harmfulness direction at the model's ``paper_layer``, per position, direction and tier."""
     found, missing = _collect(runs, "separability", "03_separability", ("layer", "tier", "auc"))
     parts = []
     for run, frame in found:
@@ -350,16 +376,24 @@ def separability_headline(runs: list[Run]) -> Headline:
         if at_layer.empty:
             missing.append(f"{run.display_name}: tables/separability.csv has no row for layer {layer}")
             continue
-        index = [column for column in ("position", "direction") if column in at_layer.columns]
+        if "position" in at_layer.columns and HEADLINE_POSITION in set(at_layer["position"]):
+            at_layer = at_layer[at_layer["position"] == HEADLINE_POSITION]
+        index = [column for column in ("position", "direction", "control") if column in at_layer.columns]
         if not index:
             at_layer, index = at_layer.assign(direction="all"), ["direction"]
+        if "language" in at_layer.columns:
+            # Control directions come in replicates: average them per language first.
+            at_layer = at_layer.groupby(index + ["language", "tier"], sort=False)["auc"].mean().reset_index()
         table = _tier_columns(at_layer, index, "auc")
+        if "control" in table.columns:
+            table["control"] = table["control"].map({True: "yes", False: "no"}).fillna(table["control"])
         parts.append(table.assign(model=run.display_name, layer=int(layer)))
     return Headline(
         "separability", "Separability at the paper's layer",
-        "ROC AUC of the projection on each harmfulness direction, harmful vs harmless test prompts, "
-        "unweighted mean over the languages of each tier (tables/separability.csv; the layer is "
-        "the model's paper_layer from model.json).",
+        "ROC AUC of the projection on each harmfulness direction, harmful vs harmless test prompts "
+        "at the last prompt token (`t_post_inst`), unweighted mean over the languages of each tier "
+        "(tables/separability.csv; the layer is the model's paper_layer from model.json; control "
+        "directions are averaged over their replicates).",
         "separability", _stack(parts), missing, decimals=3,
     )
 
@@ -369,7 +403,14 @@ def recalibration_headline(runs: list[Run]) -> Headline:
     found, missing = _collect(runs, "recalibration", "04_recalibration", ("budget", "tier", "balanced_accuracy"))
     parts = []
     for run, frame in found:
-        index = [column for column in ("readout", "threshold_rule") if column in frame.columns]
+        # The headline shows the gate itself; its controls (other readouts) and larger budgets are on the page.
+        if "readout" in frame.columns:
+            frame = frame[frame["readout"] == HEADLINE_READOUT]
+        frame = frame[frame["budget"] <= max(HEADLINE_BUDGETS)]
+        if frame.empty:
+            missing.append(f"{run.display_name}: tables/recalibration.csv has no {HEADLINE_READOUT!r} rows with b <= 4")
+            continue
+        index = [column for column in ("threshold_rule",) if column in frame.columns]
         # Mean over seeds per language first, so every language weighs the same in its tier.
         per_language = frame.groupby(index + ["tier", "language", "budget"] if "language" in frame.columns
                                      else index + ["tier", "budget"], sort=False)["balanced_accuracy"].mean().reset_index()
@@ -377,16 +418,18 @@ def recalibration_headline(runs: list[Run]) -> Headline:
                                          aggfunc="mean", sort=False)
         table = table[sorted(table.columns)]
         table.columns = [f"b = {int(budget)}" for budget in table.columns]
-        table = table.reset_index()
+        table = table.reset_index().rename(columns={"threshold_rule": "threshold rule"})
+        index = ["threshold rule" if column == "threshold_rule" else column for column in index]
         order = {tier: position for position, tier in enumerate(TIERS)}
         table = table.sort_values(index + ["tier"], key=lambda column: column.map(order) if column.name == "tier" else column,
                                   kind="stable")
         parts.append(table.assign(model=run.display_name))
     return Headline(
         "recalibration", "Recalibration: b = 0 vs b = 1–4",
-        "Balanced accuracy of the gate on target-language test prompts when its threshold is reset "
-        "with b examples per class (b = 0: the threshold from high-resource languages only), mean "
-        "over seeds, then unweighted mean over the languages of each tier (tables/recalibration.csv).",
+        "Balanced accuracy of the gate on target-language test prompts when it is refitted "
+        "with b examples per class (b = 0: high-resource languages only), per threshold rule, "
+        "mean over seeds, then unweighted mean over the languages of each tier "
+        "(tables/recalibration.csv, readout `gate`).",
         "recalibration", _stack(parts), missing, decimals=3,
     )
 
@@ -402,7 +445,8 @@ def steering_headline(runs: list[Run]) -> Headline:
             for tier in TIERS:
                 per_tier = frame[frame["tier"] == tier].groupby("condition", sort=False)["selectivity"].mean()
                 if not per_tier.empty:
-                    table[f"selectivity {tier}"] = table["condition"].map(per_tier)
+                    table[f"selectivity, {tier} tier"] = table["condition"].map(per_tier)
+        table = table.rename(columns=STEERING_COLUMN_NAMES)
         parts.append(table.assign(model=run.display_name))
     return Headline(
         "steering", "Selectivity per steering condition",
@@ -411,6 +455,13 @@ def steering_headline(runs: list[Run]) -> Headline:
         "tier (tables/steering.csv).",
         "steering", _stack(parts), missing, decimals=1,
     )
+
+
+STEERING_COLUMN_NAMES = {
+    "harmful_refusal": "harmful refusal (%)",
+    "harmless_refusal": "harmless refusal (%)",
+    "selectivity": "selectivity (points)",
+}
 
 
 def _stack(parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -433,12 +484,12 @@ def _format_value(value: Any, decimals: int = 3) -> str:
 
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: model, stand-in flag, folder, notebook status, data, git revision, finish time."""
+    """Summarise each run in one row: model, stand-in flag, folder, notebook status, data, git revision, finish time."""
     rows = []
     for run in runs:
         statuses = []
-        for record in run.manifest.get("notebooks", []):
-            statuses.append(f"{record.get('notebook', '?').split('_')[0]} {record.get('status', '?')}")
+        for notebook in sorted(path.name for path in run.path.glob("[0-9][0-9]_*.ipynb")):
+            statuses.append(f"{notebook[:2]} {run.notebook_status(notebook)}")
         git = run.manifest.get("git") or {}
         commit = (git.get("commit") or "unknown")[:10]
         rows.append({
@@ -487,7 +538,7 @@ def _parameter_text(value: Any) -> str:
 
 @dataclass
 class StagedSite:
-    """What ``stage_site`` wrote: fragments per page and the staged copy of each executed notebook."""
+    """Files written by ``stage_site``: the fragment of each page and the staged copy of each executed notebook."""
 
     project: Path
     runs: list[Run]
@@ -504,22 +555,38 @@ def fragment_path(project: Path, page: str) -> Path:
 
 
 def staged_label(label: str, run: Run) -> str:
-    """The label a staged notebook carries: unique per page because it names the run."""
+    """Return the label of a staged cell, unique on a page because it names the run."""
     return f"{label}{LABEL_SEPARATOR}{run.slug}"
 
 
-def clear_staged(project: Path) -> None:
-    """Remove what an earlier staging wrote (the generated fragments and the executed copies)."""
-    folder = pages_folder(project)
-    for path in folder.glob(f"{GENERATED_PREFIX}*.qmd"):
-        path.unlink()
-    executed = folder / EXECUTED_FOLDER
-    if executed.is_dir():
-        shutil.rmtree(executed)
+def _write_if_changed(target: Path, text: str) -> Path:
+    """Write ``text`` unless ``target`` already contains it.
+
+    ``quarto preview`` re-renders when an included or embedded file changes, and the pre-render
+    step stages again before each render, so an unchanged file must keep its modification time.
+    """
+    if target.is_file() and target.read_text(encoding="utf-8") == text:
+        return target
+    return write_text(target, text)
 
 
-def stage_notebook(run: Run, notebook: str, target: Path) -> Path:
-    """Copy an executed notebook, suffixing every cell label with the run and adding a caption."""
+def _remove_stale(folder: Path, keep: set[Path]) -> None:
+    """Delete the files under ``folder`` that are not in ``keep``, then the emptied folders."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and path not in keep:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def stage_notebook(run: Run, notebook: str, target: Path) -> list[Path]:
+    """Copy an executed notebook and the run's tables next to it; return the files written.
+
+    Every cell label of the copy gets the run as a suffix, and labeled cells without a caption get
+    one that names the model and the notebook.
+    """
     import nbformat
 
     executed = nbformat.read(run.path / notebook, as_version=4)
@@ -528,56 +595,66 @@ def stage_notebook(run: Run, notebook: str, target: Path) -> Path:
         if index not in cells:
             continue
         labeled = cells[index]
-        lines = cell.source.splitlines()
         options = cell_options(cell.source)
         rewritten = []
-        for line in lines:
+        for line in cell.source.splitlines():
             match = _OPTION_LINE.match(line)
             if match and match.group(1) == "label":
                 line = f"#| label: {staged_label(labeled.label, run)}"
             rewritten.append(line)
-        caption_key = "fig-cap" if labeled.kind == "figure" else "tbl-cap" if labeled.kind == "table" else None
+        caption_key = {"figure": "fig-cap", "table": "tbl-cap"}.get(labeled.kind)
         if caption_key and caption_key not in options:
             caption = f"{labeled.heading or _label_title(labeled.label)} ({run.model_name}, {notebook})"
             rewritten.insert(1, f"#| {caption_key}: {json.dumps(caption, ensure_ascii=False)}")
         cell.source = "\n".join(rewritten)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(executed, target)
+    written = [_write_if_changed(target, nbformat.writes(executed))]
     tables = run.path / "tables"
-    if tables.is_dir():
-        shutil.copytree(tables, target.parent / "tables", dirs_exist_ok=True)
-    return target
+    for table in sorted(tables.glob("*")) if tables.is_dir() else []:
+        if table.is_file():
+            copy = target.parent / "tables" / table.name
+            if not (copy.is_file() and filecmp.cmp(table, copy, shallow=False)):
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(table, copy)
+            written.append(copy)
+    return written
 
 
 def stage_site(project: str | Path, runs: list[Run], runs_root: str | Path) -> StagedSite:
-    """Write the generated fragments and the executed notebooks that the committed pages include."""
-    import nbformat
+    """Write the generated fragments and the executed notebooks that the committed pages include.
 
+    Files whose content is unchanged are left alone, and copies of runs or notebooks that are
+    gone are removed.
+    """
     project = Path(project)
     check_project(project)
-    clear_staged(project)
     folder = pages_folder(project)
     staged: dict[tuple[str, str], Path] = {}
+    written: set[Path] = set()
     for run in runs:
         for section in SECTIONS:
             for notebook in section.notebooks:
                 if (run.path / notebook).is_file():
                     target = folder / EXECUTED_FOLDER / run.slug / notebook
-                    staged[(run.slug, notebook)] = stage_notebook(run, notebook, target)
+                    written.update(stage_notebook(run, notebook, target))
+                    staged[(run.slug, notebook)] = target
+    _remove_stale(folder / EXECUTED_FOLDER, written)
 
     header = (
-        f"<!-- Generated by `lrsafety report` from {runs_root} at {_now()}. "
+        f"<!-- Generated by `lrsafety report` from {runs_root}. "
         "Do not edit: the next report overwrites this file. -->\n\n"
     )
-    fragments = {"index": write_text(fragment_path(project, "index"), header + index_fragment(runs, runs_root))}
+    fragments = {"index": _write_if_changed(fragment_path(project, "index"), header + index_fragment(runs, runs_root))}
     for section in SECTIONS:
-        text = header + section_fragment(section, runs, staged, folder, nbformat)
-        fragments[section.page] = write_text(fragment_path(project, section.page), text)
+        text = header + section_fragment(section, runs, staged, folder)
+        fragments[section.page] = _write_if_changed(fragment_path(project, section.page), text)
+    for path in folder.glob(f"{GENERATED_PREFIX}*.qmd"):
+        if path not in fragments.values():
+            path.unlink()
     return StagedSite(project, runs, fragments, staged)
 
 
 def check_project(project: Path) -> None:
-    """Fail clearly unless ``project`` holds the committed site sources."""
+    """Raise ``ReportError`` unless ``project`` contains the committed site sources."""
     missing = [name for name in ["_quarto.yml", "index.qmd"] + [f"{PAGES_FOLDER}/{s.page}.qmd" for s in SECTIONS]
                if not (project / name).is_file()]
     if missing:
@@ -612,7 +689,7 @@ def _standin_text(runs: list[Run]) -> str | None:
 
 
 def index_fragment(runs: list[Run], runs_root: str | Path) -> str:
-    """The index's generated part: stand-in warning, the runs and the four headline tables."""
+    """Build the generated part of the index: stand-in warning, the runs and the four headline tables."""
     if not runs:
         return _callout("note", "No runs yet",
                         f"No run folder (a folder with manifest.json) was found under `{runs_root}`. "
@@ -657,8 +734,10 @@ def _notebook_provenance(run: Run, notebook: str) -> str:
             f"Data and parameters: {shown or 'not recorded'}.")
 
 
-def section_fragment(section: Section, runs: list[Run], staged: dict[tuple[str, str], Path], folder: Path, nbformat) -> str:
-    """A page's generated part: one tab per run with provenance and one embed per labeled cell."""
+def section_fragment(section: Section, runs: list[Run], staged: dict[tuple[str, str], Path], folder: Path) -> str:
+    """Build the generated part of a page: one tab per run with provenance and one embed per labeled cell."""
+    import nbformat
+
     if not runs:
         return _callout("note", "No runs yet", "No run folder was found; see the overview page.")
     parts = [":::: {.panel-tabset}\n"]
@@ -802,10 +881,14 @@ main { max-width: 1100px; margin: 0 auto; padding: 0 1.5rem; }
 .lr-callout strong:first-child { display: block; margin-bottom: 0.2rem; }
 .lr-warning { border-color: #b2182b; background: #fbeaea; }
 .lr-note { border-color: #2b6cb0; background: #eaf2fb; }
-table.lr-table { border-collapse: collapse; margin: 0.5rem 0 1rem 0; font-size: 0.9rem; }
-table.lr-table th, table.lr-table td { border: 1px solid #ccd; padding: 0.25rem 0.6rem; text-align: left; }
-table.lr-table th { background: #eef1f5; }
-table.lr-table tbody tr:nth-child(even) { background: #f7f8fa; }
+/* The .jp-RenderedHTMLCommon prefix outweighs JupyterLab's right-aligned table cells. */
+.jp-RenderedHTMLCommon table.lr-table { border-collapse: collapse; margin: 0.5rem 0 1rem 0; font-size: 0.9rem; }
+.jp-RenderedHTMLCommon table.lr-table th, .jp-RenderedHTMLCommon table.lr-table td {
+  border: 1px solid #ccd; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
+.jp-RenderedHTMLCommon table.lr-table th { background: #eef1f5; }
+.jp-RenderedHTMLCommon table.lr-table td:first-child { white-space: nowrap; }
+.jp-RenderedHTMLCommon table.lr-table td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.jp-RenderedHTMLCommon table.lr-table tbody tr:nth-child(even) { background: #f7f8fa; }
 .jp-RenderedImage img { max-width: 100%; height: auto; }
 a.anchor-link { visibility: hidden; margin-left: 0.3rem; text-decoration: none; }
 h1:hover a.anchor-link, h2:hover a.anchor-link, h3:hover a.anchor-link, h4:hover a.anchor-link { visibility: visible; }
@@ -835,15 +918,23 @@ def _html_callout(kind: str, title: str, body_markdown: str) -> str:
 
 
 def _html_table(frame: pd.DataFrame, decimals: int = 3) -> str:
-    shown = frame.copy()
-    for column in shown.columns:
-        shown[column] = shown[column].map(lambda value: _format_value(value, decimals))
-    return shown.to_html(index=False, classes="lr-table", border=0, escape=True)
+    """Render a DataFrame as an HTML table; numeric cells get the class ``num`` (right-aligned)."""
+    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in frame.columns)
+    rows = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for value in row:
+            numeric = isinstance(value, numbers.Number) and not isinstance(value, bool)
+            css = ' class="num"' if numeric else ""
+            cells.append(f"<td{css}>{html.escape(_format_value(value, decimals))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table class="lr-table"><thead><tr>{header}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
 
 
 @dataclass
 class PreviewSite:
-    """What ``build_preview`` wrote: the page files and the full-notebook pages."""
+    """Files written by ``build_preview``: the page files and the full-notebook pages."""
 
     out: Path
     pages: dict[str, Path]
