@@ -52,7 +52,7 @@ SITE_MARKER = ".lrsafety-site"
 # Set while ``lrsafety report`` runs quarto, so the pre-render hook in _quarto.yml does not stage again.
 STAGED_ENVIRONMENT_VARIABLE = "LRSAFETY_REPORT_STAGED"
 LABEL_SEPARATOR = "--"
-# The recalibration headline: the gate's own readout, at the budgets the paper calls few-shot.
+# The recalibration headline: the gate's own readout at b = 0 and at the few-shot budgets b = 1–4.
 HEADLINE_READOUT = "gate"
 HEADLINE_BUDGETS = (0, 1, 2, 3, 4)
 # The position that every gate and intervention reads: the last prompt token.
@@ -685,7 +685,8 @@ def _standin_text(runs: list[Run]) -> str | None:
     if not standins:
         return None
     names = ", ".join(f"`{run.name}`" for run in standins)
-    return f"Runs {names} used a stand-in model. {standins[0].standin_warning}"
+    subject = "Run" if len(standins) == 1 else "Runs"
+    return f"{subject} {names} used a stand-in model. {standins[0].standin_warning}"
 
 
 def index_fragment(runs: list[Run], runs_root: str | Path) -> str:
