@@ -1225,6 +1225,10 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    from lrsafety.cli import main
-
-    sys.exit(main(["report", *sys.argv[1:]]))
+    # Quarto's pre-render step runs this module directly; building the parser here skips the
+    # imports of the other subcommands (torch among them).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command_parser = argparse.ArgumentParser(prog="python -m lrsafety.report", description=__doc__.splitlines()[0])
+    add_arguments(command_parser)
+    command_arguments = command_parser.parse_args()
+    sys.exit(command_arguments.handler(command_arguments))
