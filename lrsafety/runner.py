@@ -30,7 +30,8 @@ logger = logging.getLogger("lrsafety")
 
 # Parameter names that look like credentials. Papermill writes parameters into the executed
 # notebook, so secrets must come from environment variables instead.
-_SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|credential)", re.IGNORECASE)
+# "token" counts only as a whole name or suffix (hf_token), so max_new_tokens and token_budget pass.
+_SECRET_NAME = re.compile(r"(api[_-]?key|secret|password|passwd|credential|(^|[_-])token$)", re.IGNORECASE)
 _REPORTED_PACKAGES = (
     "lrsafety", "torch", "transformers", "nnsight", "tokenizers", "safetensors", "scikit-learn",
     "numpy", "pandas", "seaborn", "matplotlib", "papermill", "nbformat",
@@ -257,7 +258,8 @@ def _redacted_command() -> list[str]:
     # still be pasted by mistake: keep the argument names and drop values that look like keys.
     words = []
     for word in sys.argv:
-        words.append("<redacted>" if _SECRET_NAME.search(word) else word)
+        name = word.split("=", 1)[0].lstrip("-")
+        words.append("<redacted>" if _SECRET_NAME.search(name) else word)
     return words
 
 

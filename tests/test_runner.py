@@ -101,7 +101,12 @@ def test_parameters_are_typed():
     assert runner.parse_parameter("completions_path=../x.jsonl.gz") == ("completions_path", "../x.jsonl.gz")
 
 
-@pytest.mark.parametrize("text", ["api_key=abc", "ndif_token=xyz", "JUDGE_API_KEY=1"])
+def test_token_counts_are_not_secrets():
+    assert runner.parse_parameter("max_new_tokens=8") == ("max_new_tokens", 8)
+    assert runner.parse_parameter("token_budget=4096") == ("token_budget", 4096)
+
+
+@pytest.mark.parametrize("text", ["api_key=abc", "ndif_token=xyz", "JUDGE_API_KEY=1", "token=abc", "HF_TOKEN=x"])
 def test_secret_parameters_rejected(text):
     with pytest.raises(runner.RunError, match="environment variables"):
         runner.parse_parameter(text)
