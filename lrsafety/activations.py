@@ -181,6 +181,8 @@ def extract_activations(
         path = cell_path(run_dir, *_key_tuple(plan.key))
         if path.exists() and _is_valid_cell(path, plan):
             logger.info("Activations for %s are up to date: %s", plan.key, path)
+            # Shards survive when a run stops between writing the cell and removing them.
+            shutil.rmtree(_shard_root(path), ignore_errors=True)
             continue
         if path.exists():
             logger.warning("Recomputing %s: the existing file is invalid or was made for other inputs", plan.key)
@@ -381,15 +383,19 @@ def write_cell(
 # Checkpoint shards of an unfinished cell
 
 
+def _shard_root(target: Path) -> Path:
+    return target.parent / f".{target.stem}{_SHARD_SUFFIX}"
+
+
 def _shard_dir(target: Path, plan: _CellPlan) -> Path:
     # The folder name carries the content hash and the batch plan, so shards made for other
     # prompts, another model or another batching never mix with this run's.
     plan_hash = hashlib.sha256(json.dumps(plan.batches).encode()).hexdigest()[:12]
-    return target.parent / f".{target.stem}{_SHARD_SUFFIX}" / f"{plan.content_hash[:16]}-{plan_hash}"
+    return _shard_root(target) / f"{plan.content_hash[:16]}-{plan_hash}"
 
 
 def _remove_stale_shards(target: Path, keep: Path) -> None:
-    root = target.parent / f".{target.stem}{_SHARD_SUFFIX}"
+    root = _shard_root(target)
     if not root.is_dir():
         return
     for folder in root.iterdir():

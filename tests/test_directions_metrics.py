@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lrsafety.activations import load_cell, write_cell
+from lrsafety.activations import activation_inventory, activation_model_info, load_cell, write_cell
 from lrsafety.directions import (
     DirectionError,
     compute_directions,
@@ -238,3 +238,14 @@ def test_curve_metrics_agree_with_sklearn_scorers():
         tn, fp, fn, tp = confusion_matrix(labels, predictions, labels=[0, 1]).ravel()
         assert (metrics["true_positives"], metrics["false_positives"]) == (tp, fp)
         assert (metrics["true_negatives"], metrics["false_negatives"]) == (tn, fn)
+
+
+def test_model_facts_come_from_cells_without_model_json(synthetic_run):
+    run_dir, _, _, _ = synthetic_run
+    info = activation_model_info(run_dir)
+    assert (info["name"], info["n_layers"], info["d_model"]) == ("synthetic", N_LAYERS, D_MODEL)
+    assert info["paper_layer"] == N_LAYERS // 2
+    assert info["is_standin"] is False
+    inventory = activation_inventory(run_dir)
+    assert len(inventory) == 4 * (len(LANGUAGES) + 1) - 1
+    assert set(inventory["n_layers"]) == {N_LAYERS}
