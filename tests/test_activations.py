@@ -255,3 +255,13 @@ def test_empty_cell_file_is_rejected(models, one_cell, tmp_path):
         load_cell(tmp_path, "yo", "harmful", "val")
     with pytest.raises(CellError, match="yo/harmful/val is empty"):
         cell_matrix(tmp_path, "yo", "harmful", "val", 0)
+
+
+def test_remote_path_gives_same_activations(models, one_cell, tmp_path):
+    # remote="local" serialises the trace and runs it as NDIF would, in this process.
+    loaded = models["tiny-qwen2"]
+    extract_activations(loaded, one_cell, tmp_path / "local", progress=False)
+    extract_activations(loaded, one_cell, tmp_path / "remote", remote="local", progress=False)
+    local = load_cell(tmp_path / "local", "yo", "harmful", "val")
+    remote = load_cell(tmp_path / "remote", "yo", "harmful", "val")
+    assert torch.equal(local.activations, remote.activations)
