@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from lrsafety.prompts import POSITIONS, encode_prompts, find_t_inst_offset, format_prompts, pad_left
+from lrsafety.remote import REMOTE_MAX_BATCH_SIZE, REMOTE_MAX_PADDED_TOKENS, remote_call
 from lrsafety.runs import RunDir, atomic_path
 
 logger = logging.getLogger("lrsafety")
@@ -164,6 +165,10 @@ def extract_activations(
     if token_budget < 1 or max_batch_size < 1:
         raise ValueError(f"token_budget ({token_budget}) and max_batch_size ({max_batch_size}) must be positive")
     _check_prompt_table(prompts)
+    if remote:
+        # Keep each request within the size NDIF accepts (estimated limits, see lrsafety.remote).
+        token_budget = min(token_budget, REMOTE_MAX_PADDED_TOKENS)
+        max_batch_size = min(max_batch_size, REMOTE_MAX_BATCH_SIZE)
 
     run_dir = _run_dir(run_dir)
     tokenizer = loaded.tokenizer
@@ -303,7 +308,10 @@ def _extract_cell(loaded, plan: _CellPlan, run_dir: RunDir, t_inst_offset: int, 
         values = _read_shard(shard, rows, plan.content_hash)
         if values is None:
             batch = pad_left([plan.token_ids[row] for row in rows], pad_id)
-            values = _trace_batch(loaded, batch, t_inst_offset, remote).to(dtype)
+            values = remote_call(
+                lambda: _trace_batch(loaded, batch, t_inst_offset, remote),
+                remote=remote, description=f"{plan.key} batch {index + 1}/{len(plan.batches)}",
+            ).to(dtype)
             _write_shard(shard, values, rows, plan.content_hash)
         result[rows] = values
         bar.update(len(rows))
@@ -317,12 +325,17 @@ def _extract_cell(loaded, plan: _CellPlan, run_dir: RunDir, t_inst_offset: int, 
 def _trace_batch(loaded, batch, t_inst_offset: int, remote) -> torch.Tensor:
     """Trace one left-padded batch and return ``[B, n_layers, 2, d_model]`` float32 on the CPU."""
     # Position indices count from the right edge, which left padding leaves in place.
+    import nnsight
+
+    from lrsafety.remote import trace_options
+
     positions = [t_inst_offset, -1]
-    saved = []
+    options = trace_options(loaded, remote, description=f"activations of {batch.input_ids.shape[0]} prompts") if remote else {}
     with torch.no_grad():
-        with loaded.model.trace(batch.as_inputs(), remote=remote) as tracer:
-            for layer in range(loaded.spec.n_layers):
-                saved.append(loaded.layers[layer].output[:, positions, :].save())
+        with loaded.model.trace(batch.as_inputs(), **options) as tracer:
+            # The list itself is saved: a server returns only saved values, so a list filled
+            # inside the block would come back empty from NDIF.
+            saved = nnsight.save([loaded.layers[layer].output[:, positions, :] for layer in range(loaded.spec.n_layers)])
             # Nothing after the last block is needed; stopping skips the final norm and the
             # unembedding, whose logits for a 256k vocabulary dominate memory on long batches.
             tracer.stop()

@@ -35,9 +35,9 @@ class ModelPreset:
     default_parameters: dict[str, Any] = field(default_factory=dict)
 
 
-# Stand-ins run on a 2-core CPU, so their default run uses a slice of each data cell for the
-# generation steps; analyses on cached activations still use every prompt.
-_STANDIN_DEFAULTS = {"generation_prompts_per_cell": 16, "max_new_tokens": 24}
+# Stand-ins run on a 2-core CPU, so their default run extracts the first 64 prompts of every
+# cell (enough for the largest recalibration budget) and generates for the first 16.
+_STANDIN_DEFAULTS = {"prompts_per_cell": 64, "generation_prompts_per_cell": 16, "max_new_tokens": 24}
 
 PRESETS: dict[str, ModelPreset] = {
     "qwen2.5-7b-instruct": ModelPreset("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "qwen2", "bfloat16", 15),
