@@ -174,7 +174,8 @@ def run_notebooks(
     parameters = dict(parameters or {})
     plans = plan_run(model, run_dir.path, selection, parameters, folder)
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir.path / "model.json", models.describe_model(model))
+    model_description = models.describe_model(model)
+    write_json(run_dir.path / "model.json", model_description)
 
     manifest: dict[str, Any] = {
         "model": model,
@@ -192,6 +193,13 @@ def run_notebooks(
         },
         "notebooks": [],
     }
+    if "remote" in parameters:
+        from lrsafety.remote import normalize_remote, remote_description
+
+        try:
+            manifest["remote"] = remote_description(model_description, normalize_remote(parameters["remote"]))
+        except ValueError as error:
+            raise RunError(str(error)) from None
     previous = _read_previous_manifest(run_dir)
     if previous:
         manifest["previous_runs"] = previous

@@ -130,3 +130,21 @@ def test_standin_defaults_reach_declaring_notebooks(tmp_path):
     assert plans[1].parameters["max_new_tokens"] == 24
     real = runner.plan_run("gemma-2-9b-it", tmp_path / "run", None, {}, folder)
     assert "max_new_tokens" not in real[1].parameters
+
+
+def test_remote_run_manifest_has_host_not_key(tmp_path, monkeypatch):
+    sentinel = "sentinel-key-4f1d9c"
+    monkeypatch.setenv("NDIF_API_KEY", sentinel)
+    monkeypatch.setenv("NDIF_HOST", "https://ndif.example.invalid")
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "00_echo.ipynb", "model = 'x'\nout_dir = '.'\nremote = False", "print(model, remote)")
+    out = runner.run_notebooks("llama-3.1-8b-instruct", tmp_path / "run", folder=folder,
+                               parameters={"remote": True}, progress=False)
+    manifest_text = (out / "manifest.json").read_text()
+    manifest = json.loads(manifest_text)
+    assert manifest["remote"]["mode"] == "ndif"
+    assert manifest["remote"]["host"] == "https://ndif.example.invalid"
+    assert manifest["remote"]["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert sentinel not in manifest_text
+    assert sentinel not in (out / "00_echo.ipynb").read_text()
