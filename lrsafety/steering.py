@@ -770,7 +770,7 @@ def plot_steering(table, title: str):
     # The top 4 % stays free for the stand-in banner that save_figure may add.
     fig.suptitle(title, y=0.955)
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 0.935), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.91))
+    fig.tight_layout(rect=(0, 0, 1, 0.925))
     return fig
 
 
