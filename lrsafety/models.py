@@ -36,8 +36,14 @@ class ModelPreset:
 
 
 # Stand-ins run on a 2-core CPU, so their default run extracts the first 64 prompts of every
-# cell (enough for the largest recalibration budget) and generates for the first 16.
-_STANDIN_DEFAULTS = {"prompts_per_cell": 64, "generation_prompts_per_cell": 16, "max_new_tokens": 24}
+# cell (enough for the largest recalibration budget), generates for the first 16, and sweeps
+# three steering strengths.
+_STANDIN_DEFAULTS = {
+    "prompts_per_cell": 64,
+    "generation_prompts_per_cell": 16,
+    "max_new_tokens": 24,
+    "sweep_lambdas": [0.0, 1.0, 2.0],
+}
 
 PRESETS: dict[str, ModelPreset] = {
     "qwen2.5-7b-instruct": ModelPreset("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "qwen2", "bfloat16", 15),
