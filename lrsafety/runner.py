@@ -173,8 +173,11 @@ def run_notebooks(
         run_dir = RunDir(Path.cwd() / run_dir.path)
     parameters = dict(parameters or {})
     plans = plan_run(model, run_dir.path, selection, parameters, folder)
+    try:
+        model_description = models.describe_model(model)
+    except (ValueError, FileNotFoundError) as error:
+        raise RunError(str(error)) from None
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    model_description = models.describe_model(model)
     write_json(run_dir.path / "model.json", model_description)
 
     manifest: dict[str, Any] = {
@@ -288,7 +291,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_command(arguments: argparse.Namespace) -> int:
     try:
         parameters = dict(parse_parameter(text) for text in arguments.parameter)
-        selection = [part.strip() for part in arguments.notebooks.split(",")] if arguments.notebooks else None
+        selection = None
+        if arguments.notebooks is not None:
+            selection = [part.strip() for part in arguments.notebooks.split(",") if part.strip()]
+            if not selection:
+                raise RunError("--notebooks selects no notebook; give prefixes such as 00,02,03 or leave it out to run all")
         run_dir = run_notebooks(
             model=arguments.model, out_dir=arguments.out, selection=selection, parameters=parameters,
             kernel_name=arguments.kernel, progress=not arguments.no_progress,

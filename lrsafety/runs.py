@@ -90,10 +90,19 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        # mkstemp creates files readable by the owner only; give the result the mode any new
+        # file would get, so shared run folders and the site stay readable.
+        os.chmod(temporary_path, 0o666 & ~_umask())
         os.replace(temporary_path, target)
     finally:
         if temporary_path.exists():
             temporary_path.unlink()
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_text(target: str | Path, text: str) -> Path:

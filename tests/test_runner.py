@@ -148,3 +148,26 @@ def test_remote_run_manifest_has_host_not_key(tmp_path, monkeypatch):
     assert manifest["remote"]["model"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert sentinel not in manifest_text
     assert sentinel not in (out / "00_echo.ipynb").read_text()
+
+
+def test_unknown_model_fails_before_folder(tmp_path, capsys):
+    from lrsafety.cli import main
+
+    out = tmp_path / "never"
+    assert main(["run", "--model", "nosuchmodel", "--notebooks", "00", "--out", str(out)]) == 1
+    assert "neither a preset" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_empty_notebook_selection_rejected(tmp_path, capsys):
+    from lrsafety.cli import main
+
+    assert main(["run", "--notebooks", "", "--out", str(tmp_path / "r")]) == 1
+    assert "selects no notebook" in capsys.readouterr().err
+
+
+def test_written_files_follow_umask(tmp_path):
+    from lrsafety.runs import write_json
+
+    path = write_json(tmp_path / "x.json", {"a": 1})
+    assert path.stat().st_mode & 0o044 == 0o044

@@ -84,13 +84,24 @@ def judge_options(arguments: argparse.Namespace) -> dict[str, Any]:
 
 
 def refusal_rates_by_language(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Return the refusal rate per language over the rows the judge could label, in tier order."""
+    """Return the refusal rate per language over the rows the judge could label, in tier order.
+
+    When rows carry a ``condition`` or ``subset`` field, rates are kept apart per value
+    (``"en/baseline"``), because pooling conditions would mix refusal rates that differ by design.
+    """
+    split_fields = [name for name in ("condition", "subset") if any(name in row for row in rows)]
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    languages: dict[str, str] = {}
     for row in rows:
-        if row.get("refusal") is not None:
-            counts[row["language"]][0] += int(row["refusal"])
-            counts[row["language"]][1] += 1
-    return {language: counts[language][0] / counts[language][1] for language in tier_order(list(counts))}
+        if row.get("refusal") is None:
+            continue
+        key = "/".join([str(row["language"]), *(str(row.get(name)) for name in split_fields)])
+        languages[key] = row["language"]
+        counts[key][0] += int(row["refusal"])
+        counts[key][1] += 1
+    order = {language: index for index, language in enumerate(tier_order(sorted(set(languages.values()))))}
+    keys = sorted(counts, key=lambda key: (order[languages[key]], key))
+    return {key: counts[key][0] / counts[key][1] for key in keys}
 
 
 def run_judge_command(arguments: argparse.Namespace) -> int:
@@ -100,6 +111,10 @@ def run_judge_command(arguments: argparse.Namespace) -> int:
         options = judge_options(arguments)
         read = read_records(arguments.input, skip_invalid=arguments.skip_invalid)
         judge = get_judge(arguments.judge, **options)
+        if not read.records:
+            raise ValueError(f"{arguments.input} contains no rows to judge")
+        if arguments.batch_size is not None and arguments.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {arguments.batch_size}")
     except (InputError, OSError, ValueError) as error:
         # OSError covers a missing input file and a guard model that cannot be loaded.
         print(f"lrsafety judge: {error}", file=sys.stderr)
