@@ -642,7 +642,9 @@ def plot_projection_distributions(frame: pd.DataFrame, model_name: str, layer: i
         subset = frame[frame["tier"] == tier]
         sns.histplot(
             data=subset, x="score", hue="subset", hue_order=list(_SUBSET_PALETTE), palette=_SUBSET_PALETTE,
-            stat="density", common_norm=False, element="step", bins=40, ax=ax, legend=column == len(tiers) - 1,
+            stat="density", common_norm=False, element="step", ax=ax,
+            # About sqrt(n) bins: 40 for a full tier, fewer when cells are cut to a few prompts.
+            bins=int(np.clip(np.sqrt(len(subset)), 10, 40)), legend=column == len(tiers) - 1,
         )
         if threshold is not None:
             ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
