@@ -735,6 +735,16 @@ def _notebook_provenance(run: Run, notebook: str) -> str:
             f"Data and parameters: {shown or 'not recorded'}.")
 
 
+def _unfinished_notice(notebook: str, status: str, record: dict) -> tuple[str, str]:
+    """Return the title and text of the callout for a notebook whose status is not ok."""
+    if status == "running":
+        # The manifest says "running" while lrsafety run is still executing this notebook.
+        return (f"{notebook} is still running",
+                "The run was in progress when this page was built; rebuild the report when it finishes.")
+    return (f"{notebook} did not finish ({status})",
+            f"{record.get('error', 'No error was recorded.')} Results after the failure are missing.")
+
+
 def section_fragment(section: Section, runs: list[Run], staged: dict[tuple[str, str], Path], folder: Path) -> str:
     """Build the generated part of a page: one tab per run with provenance and one embed per labeled cell."""
     import nbformat
@@ -760,8 +770,7 @@ def section_fragment(section: Section, runs: list[Run], staged: dict[tuple[str, 
             status = run.notebook_status(notebook)
             if status != "ok":
                 record = run.notebook_record(notebook) or {}
-                parts.append(_callout("warning", f"{notebook} did not finish ({status})",
-                                      f"{record.get('error', 'No error was recorded.')} Results after the failure are missing."))
+                parts.append(_callout("warning", *_unfinished_notice(notebook, status, record)))
             relative = staged_path.relative_to(folder).as_posix()
             for cell in labeled_cells(executed):
                 label = cell.label.rsplit(LABEL_SEPARATOR, 1)[0]
@@ -1109,8 +1118,7 @@ def _section_notebook(page: Page, section: Section, runs: list[Run], notebook_pa
             status = run.notebook_status(notebook)
             if status != "ok":
                 record = run.notebook_record(notebook) or {}
-                header.append(_html_callout("warning", f"{notebook} did not finish ({status})",
-                                            f"{record.get('error', 'No error was recorded.')} Results after the failure are missing."))
+                header.append(_html_callout("warning", *_unfinished_notice(notebook, status, record)))
             cells.append(_markdown_cell("\n\n".join(header)))
             for labeled in labeled_cells(executed):
                 text = f"#### {labeled.heading or _label_title(labeled.label)}"
