@@ -127,7 +127,7 @@ def result_record(
     """Return one result record: the value against its target (lower is better), with its context.
 
     ``passed`` is None when the measure has no target. A smoke record (tiny configuration, used
-    by the tests) carries ``smoke: true`` and says nothing about speed.
+    by the tests) carries ``smoke: true`` and measures nothing about speed.
     """
     return {
         "benchmark": benchmark,
@@ -167,6 +167,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": versions,
         "git_commit": _git_commit(),
+        "package_modified": _package_modified(),
     }
 
 
@@ -197,6 +198,16 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return result.stdout.strip()
+
+
+def _package_modified() -> list[str] | None:
+    """Return the files under ``lrsafety/`` that differ from the commit (the code measured is the working tree)."""
+    try:
+        result = subprocess.run(["git", "status", "--porcelain", "--", "lrsafety"], cwd=REPOSITORY,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line[3:] for line in result.stdout.splitlines()]
 
 
 def write_records(records: Sequence[Mapping[str, Any]], output: str | Path) -> Path:

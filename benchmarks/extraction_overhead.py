@@ -17,9 +17,9 @@ Parts, chosen with ``--parts``:
   seconds on a CPU, so the ratio reflects real compute;
 - ``deep``: nnsight's fixed cost per trace, in milliseconds, on a 28-layer model of width 64
   (Qwen2.5-7B's depth, almost no compute), from many small traced batches;
-- ``storage``: no model; the package's storage per prompt at Qwen2.5-7B's activation size
-  (28 layers x 2 positions x 3584 floats), checkpoint shard plus cell file, against one plain
-  safetensors file. A GPU computes a prompt in milliseconds, so this cost decides the GPU ratio.
+- ``storage``: no model. The package's storage per prompt (checkpoint shard plus cell file) at
+  Qwen2.5-7B's activation size (28 layers x 2 positions x 3584 floats), against one plain
+  safetensors file. A GPU computes a prompt in milliseconds, so this cost can decide the GPU ratio.
 
 The end-to-end target is a ratio of at most 1.10.
 
@@ -82,8 +82,8 @@ def _cells(table):
 def hook_extraction(loaded, table, token_budget: int, max_batch_size: int, output_dir: Path) -> dict[str, torch.Tensor]:
     """Extract the package's tensor layout with plain forward hooks; return ``{cell name: [N, L, 2, d]}``.
 
-    Same prompts, token ids and batches as ``extract_activations``; writes one safetensors file per
-    cell (activations and prompt ids) so that both sides end with the data on disk.
+    Uses the same prompts, token ids and batches as ``extract_activations``. Writes one safetensors
+    file per cell (activations and prompt ids), so that both sides end with the data on disk.
     """
     from safetensors.torch import save_file
 
@@ -270,9 +270,10 @@ def measure_trace_cost(label: str, loaded, table, repeats: int, clock: str, smok
 def measure_storage(rows: int, batch_rows: int, repeats: int, clock: str, smoke: bool) -> dict[str, Any]:
     """Return the record of the package's storage cost per prompt at Qwen2.5-7B's activation size.
 
-    Package: one checkpoint shard per batch (``_write_shard``), then the cell file
+    ``package``: one checkpoint shard per batch (``_write_shard``), then the cell file
     (``write_cell``, with its checksum), then the shard folder removed, as ``_extract_cell``
-    does. Baseline: one ``safetensors`` file of the cell.
+    does. Variants in the details: the same path with bfloat16 activations, and the cell file
+    alone (no shards). Baseline: one plain ``safetensors`` file of the float32 cell.
     """
     from safetensors.torch import save_file
 
@@ -280,38 +281,53 @@ def measure_storage(rows: int, batch_rows: int, repeats: int, clock: str, smoke:
 
     row_shape = (4, 2, 64) if smoke else QWEN25_7B_ROW
     generator = torch.Generator().manual_seed(0)
-    values = torch.randn((rows, *row_shape), generator=generator)
+    values = {"float32": torch.randn((rows, *row_shape), generator=generator)}
+    values["bfloat16"] = values["float32"].to(torch.bfloat16)
     prompt_ids = torch.arange(rows, dtype=torch.int64)
     batches = [list(range(start, min(start + batch_rows, rows))) for start in range(0, rows, batch_rows)]
     scratch = Path(tempfile.mkdtemp(prefix="lrsafety-bench-storage-"))
     runs = iter(range(10**6))
 
-    def run_package():
-        run_dir = scratch / f"package-{next(runs)}"
-        shard_dir = run_dir / "activations" / ".shards"
-        shard_dir.mkdir(parents=True)
-        for index, batch in enumerate(batches):
-            activations._write_shard(shard_dir / f"batch_{index:05d}.safetensors", values[batch], batch, "content")
-        activations.write_cell(run_dir, "en", "harmful", "train", values, prompt_ids, {"model_name": "benchmark"})
-        shutil.rmtree(shard_dir)
-        shutil.rmtree(run_dir)
+    def package_path(dtype: str, shards: bool):
+        def run():
+            run_dir = scratch / f"package-{next(runs)}"
+            shard_dir = run_dir / "activations" / ".shards"
+            shard_dir.mkdir(parents=True)
+            if shards:
+                for index, batch in enumerate(batches):
+                    activations._write_shard(shard_dir / f"batch_{index:05d}.safetensors", values[dtype][batch], batch,
+                                             "content")
+            activations.write_cell(run_dir, "en", "harmful", "train", values[dtype], prompt_ids,
+                                   {"model_name": "benchmark"})
+            shutil.rmtree(run_dir)
+
+        return run
 
     def run_baseline():
         folder = scratch / f"baseline-{next(runs)}"
         folder.mkdir()
-        save_file({"activations": values, "prompt_ids": prompt_ids}, str(folder / "en_harmful_train.safetensors"))
+        save_file({"activations": values["float32"], "prompt_ids": prompt_ids},
+                  str(folder / "en_harmful_train.safetensors"))
         shutil.rmtree(folder)
 
+    sides = {
+        "package": package_path("float32", shards=True),
+        "baseline": run_baseline,
+        "package_bfloat16": package_path("bfloat16", shards=True),
+        "cell_file_only": package_path("float32", shards=False),
+    }
     try:
-        timings = common.interleave({"package": run_package, "baseline": run_baseline}, repeats=repeats, warmup=1)
+        timings = common.interleave(sides, repeats=repeats, warmup=1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    megabytes = values.numel() * values.element_size() / 2**20
+
+    def per_prompt(side: str) -> dict[str, float | int]:
+        return common.spread([1000 * value / rows for value in getattr(timings[side], clock)])
+
     details = {
         **common.ratio_details(timings["package"], timings["baseline"]),
-        "package_ms_per_prompt": common.spread([1000 * value / rows for value in getattr(timings["package"], clock)]),
-        "baseline_ms_per_prompt": common.spread([1000 * value / rows for value in getattr(timings["baseline"], clock)]),
-        "megabytes_per_cell": megabytes,
+        **{f"{side}_ms_per_prompt": per_prompt(side) for side in sides},
+        "megabytes_per_cell_float32": values["float32"].numel() * 4 / 2**20,
     }
     config = {"rows": rows, "batch_rows": batch_rows, "row_shape": list(row_shape), "dtype": "float32",
               "repeats": repeats, "clock": clock}

@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     shape = DRY_RUN_SHAPE if dry_run else QWEN25_7B_SHAPE
     token_budget = arguments.token_budget or DEFAULT_TOKEN_BUDGET
     max_batch_size = arguments.max_batch_size or DEFAULT_MAX_BATCH_SIZE
-    per_cell = arguments.per_cell if arguments.per_cell is not None else (3 if dry_run else None)
+    per_cell = arguments.per_cell
+    if per_cell is None and dry_run:
+        per_cell = 3
     repeats = arguments.repeats or (1 if dry_run else 3)
 
     tflops = matmul_tflops(256 if dry_run else arguments.matmul_size, device, repeats=2 if dry_run else 20)

@@ -6,7 +6,7 @@ notebook's seconds from the run's ``manifest.json``. The target is at most 10 mi
 
 The notebooks depend on each other (activations before directions before gates before
 steering), so only the unbroken sequence of notebooks from ``00`` is run. When some of
-``00``-``05`` are missing the record says which, carries the time of those that ran, and gives
+``00``-``05`` are missing, the record names them, carries the time of those that ran and gives
 no verdict.
 
     python -m benchmarks.pipeline                    # tiny-qwen2, every notebook present
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         note_parts.append(f"notebooks {', '.join(skipped)} exist but were not run (an earlier notebook is missing "
                           "or --notebooks left them out)")
     if not succeeded:
-        note_parts.append("the run failed: " + runs[-1]["stderr_tail"].strip().splitlines()[-1]
-                          if runs[-1]["stderr_tail"].strip() else "the run failed")
+        error_lines = runs[-1]["stderr_tail"].strip().splitlines()
+        note_parts.append(f"the run failed: {error_lines[-1]}" if error_lines else "the run failed")
     config = {"model": arguments.model, "notebooks": prefixes, "threads": arguments.threads, "clock": arguments.clock,
               "parameters": arguments.parameter, "repeats": repeats}
     details = {"wall_seconds": common.spread([run["wall"] for run in runs]),
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         TARGET_SECONDS, wall, config, details, note="; ".join(note_parts), smoke=arguments.smoke,
     )
     if not complete:
-        # A partial pipeline says nothing about the 10-minute target.
+        # The time of a partial pipeline cannot be judged against the 10-minute target.
         record["passed"] = None
     return common.finish([record], arguments.output, BENCHMARK, arguments.quiet)
 

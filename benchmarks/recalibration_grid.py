@@ -1,9 +1,9 @@
-"""Measure 4: wall time of the recalibration grid at the paper's feature sizes.
+"""Measure 4: wall time of the recalibration grid at Qwen2.5-7B's feature sizes.
 
 ``lrsafety.gate.run_recalibration_grid`` fits and tests one gate per (target language, budget,
-seed, threshold rule, readout). This script times the paper's grid, 8 budgets x 10 seeds x
-6 low-resource targets x 2 threshold rules with the gate readout (960 gates), on synthetic
-activations of Qwen2.5-7B's width (d = 3584):
+seed, threshold rule, readout). This script times the grid of the few-shot study, 8 budgets x
+10 seeds x 6 low-resource targets x 2 threshold rules with the gate readout (960 gates), on
+synthetic activations of Qwen2.5-7B's width (d = 3584):
 
 - 10 high-resource source languages x (260 harmful + 200 harmless) train rows;
 - 6 targets with 260 + 200 train rows and 572 + 500 test rows.
@@ -11,8 +11,9 @@ activations of Qwen2.5-7B's width (d = 3584):
 Each language's harmful rows are shifted along its own direction (a shared direction plus
 language noise), so gates and thresholds behave as on separable real data. The target is at most
 30 s on 2 cores. The grid runs on one thread (it limits BLAS to one), so its process CPU time is
-its wall time on an idle machine; the headline uses CPU time unless ``--clock wall``. A second record times the notebook's default readouts (the gate plus the random
-subspace and permuted-label controls), for which no target is set.
+its wall time on an idle machine. The headline uses CPU time unless ``--clock wall``. A second
+record times the notebook's default readouts (the gate plus the random subspace and
+permuted-label controls), for which no target is set.
 
     python -m benchmarks.recalibration_grid
 """

@@ -4,7 +4,7 @@ Measures 1-5 run everywhere; measure 6 (``gpu_extraction``) runs only where CUDA
 or as a CPU dry run with ``--smoke``. Each script also writes its own record file next to the
 combined one. ``--markdown`` prints a results table in the layout of ``docs/benchmarks.md``.
 
-    python -m benchmarks.run_all                          # default sizes, about 15 minutes on 2 cores
+    python -m benchmarks.run_all                          # default sizes, about 20 minutes on 2 idle cores
     python -m benchmarks.run_all --only padding,grid --markdown
     python -m benchmarks.run_all --smoke                  # seconds per script; checks only that they run
 """

@@ -13,8 +13,8 @@ Sides, all on the same prompts, the same length-sorted batches, greedy decoding 
 - ``gate_pass``: ``lrsafety.steering.last_token_states``, the forward pass the gate needs before a
   routed generation, reported as routing + gate pass against plain;
 - ``gate_pass_proposed``: the same gate inputs with length-sorted batches and a trace that stops
-  after the gate's layer (a change proposed for the package; its states are compared with
-  ``gate_pass``).
+  after the gate's layer. This is a change proposed for the package, and its states are compared
+  with those of ``gate_pass``.
 
 Checks: ``package_plain`` must produce the same completions as ``plain``, and ``routing`` the same
 as ``hook_routing``. The per-step cost of nnsight, in milliseconds, is (routing - hook_routing)
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="stand-in prompts per (language, subset) cell (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch size (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default: %(default)s)")
+    parser.add_argument("--mid-languages", default="en",
+                        help="prompt languages of the mid-size model, test split; English keeps its prefill "
+                             "short (default: %(default)s)")
     parser.add_argument("--mid-per-cell", type=int, default=2,
                         help="mid-size model prompts per cell (default: %(default)s)")
     parser.add_argument("--mid-max-new-tokens", type=int, default=16,
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
     if "mid" in models:
         loaded = load_model(str(common.build_random_qwen2(common.MID_SHAPE)), dtype="float32")
-        table = common.prompt_table(languages[:1] if arguments.smoke else languages, splits=["test"],
+        mid_languages = arguments.mid_languages.split(",")
+        table = common.prompt_table(mid_languages[:1] if arguments.smoke else mid_languages, splits=["test"],
                                     per_cell=1 if arguments.smoke else arguments.mid_per_cell)
         records += measure_model(
             common.MID_SHAPE.name, loaded, [str(text) for text in table["text"]], arguments.batch_size,

@@ -1,8 +1,8 @@
 """Benchmark scripts in their tiny configurations: each one runs and emits complete result records.
 
-Speed is not checked here (the targets belong to the benchmarks); these tests check that every
-script runs on the real stand-ins and PolyRefuse files, that its records carry what the results
-page needs, and that its built-in equality checks between package and baseline hold.
+Speed is not checked here, because the targets belong to the benchmarks. These tests check that
+every script runs on the real stand-ins and PolyRefuse files, that its records carry what the
+results page needs, and that its equality checks between package and baseline hold.
 """
 
 from __future__ import annotations
@@ -70,6 +70,36 @@ def test_file_order_batches_respect_limits():
         assert len(rows) == 1 or len(rows) * max(lengths[row] for row in rows) <= 100
 
 
+def test_min_padding_batches_beats_greedy():
+    import itertools
+    import random
+
+    from lrsafety.activations import plan_batches
+
+    generator = random.Random(0)
+    for _ in range(100):
+        lengths = [generator.randint(1, 30) for _ in range(generator.randint(1, 9))]
+        budget, max_rows = generator.randint(10, 100), generator.randint(1, 4)
+        greedy = plan_batches(lengths, budget, max_rows)
+        proposed = padding.min_padding_batches(lengths, budget, max_rows, len(greedy))
+        assert sorted(row for rows in proposed for row in rows) == list(range(len(lengths)))
+        assert len(proposed) == len(greedy)
+        for rows in proposed:
+            assert len(rows) <= max_rows
+            assert len(rows) == 1 or len(rows) * max(lengths[row] for row in rows) <= budget
+        # Brute force over every split of the sorted rows into the same number of batches.
+        order = sorted(range(len(lengths)), key=lambda row: (-lengths[row], row))
+        costs = []
+        for cuts in itertools.combinations(range(1, len(order)), len(greedy) - 1):
+            bounds = [0, *cuts, len(order)]
+            parts = [order[start:end] for start, end in zip(bounds, bounds[1:])]
+            if all(len(part) <= max_rows and (len(part) == 1 or len(part) * max(lengths[row] for row in part) <= budget)
+                   for part in parts):
+                costs.append(padding.padded_tokens(lengths, parts))
+        assert padding.padded_tokens(lengths, proposed) == min(costs)
+        assert padding.padded_tokens(lengths, proposed) <= padding.padded_tokens(lengths, greedy)
+
+
 def test_padded_tokens_counts_longest_row():
     lengths = [3, 5, 2, 7]
     assert padding.padded_tokens(lengths, [[0, 1], [2, 3]]) == 2 * 5 + 2 * 7
@@ -77,7 +107,7 @@ def test_padded_tokens_counts_longest_row():
 
 def test_padding_script(tmp_path):
     records = run_script("benchmarks.padding", tmp_path)
-    assert len(records) == 5
+    assert len(records) == 6
     for record in records:
         details = record["details"]
         assert details["padded_tokens"] >= details["real_tokens"] > 0
@@ -112,7 +142,8 @@ def test_extraction_script_outputs_match(tmp_path):
     assert deep["config"]["n_layers"] == 28
     assert deep["unit"] == "ms"
     storage = by_measure["storage per prompt at Qwen2.5-7B activation size, package"]
-    assert storage["details"]["megabytes_per_cell"] > 0
+    assert storage["details"]["megabytes_per_cell_float32"] > 0
+    assert storage["details"]["cell_file_only_ms_per_prompt"]["median"] > 0
 
 
 def test_steering_script_checks_hold(tmp_path):
@@ -160,6 +191,6 @@ def test_pipeline_script_runs_first_notebook(tmp_path):
 def test_run_all_combines_records(tmp_path, capsys):
     records = run_all.main(["--smoke", "--only", "padding", "--output-dir", str(tmp_path), "--markdown", "--quiet"])
     combined = json.loads((tmp_path / "all.json").read_text())
-    assert len(combined) == len(records) == 5
+    assert len(combined) == len(records) == 6
     table = capsys.readouterr().out
-    assert table.count("\n| padding |") == 5
+    assert table.count("\n| padding |") == 6
