@@ -221,7 +221,7 @@ def load_polyrefuse(
 def _read_cell(path, language, subset, split, english, strict_counts) -> pd.DataFrame:
     records = _read_records(path)
     if not records:
-        raise DataError(f"{path}: the file holds no records")
+        raise DataError(f"{path}: the file contains no records; expected a JSON list of prompts")
     expected = EXPECTED_COUNTS[(subset, split)]
     if strict_counts and len(records) != expected:
         raise DataError(f"{path}: expected {expected} records for {subset}/{split}, found {len(records)}")

@@ -64,7 +64,7 @@ _HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the rest of the package needs to know about a loaded model."""
+    """Facts about a loaded model that the rest of the package reads."""
 
     name: str
     source: str
@@ -147,7 +147,12 @@ def load_model(
     else:
         source = _check_source(name)
 
-    dtype_name = dtype or (preset.dtype if preset else ("bfloat16" if torch.cuda.is_available() else "float32"))
+    if dtype is not None:
+        dtype_name = dtype
+    elif preset is not None:
+        dtype_name = preset.dtype
+    else:
+        dtype_name = "bfloat16" if torch.cuda.is_available() else "float32"
     torch_dtype = _torch_dtype(dtype_name)
 
     config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
@@ -182,7 +187,12 @@ def load_model(
     tokenizer.padding_side = "left"
 
     n_layers = int(config.num_hidden_layers)
-    layer = paper_layer if paper_layer is not None else (preset.paper_layer if preset else n_layers // 2)
+    if paper_layer is not None:
+        layer = paper_layer
+    elif preset is not None:
+        layer = preset.paper_layer
+    else:
+        layer = n_layers // 2
     if not 0 <= layer < n_layers:
         raise ValueError(f"paper layer {layer} is out of range for {name} with {n_layers} layers")
 
@@ -281,7 +291,7 @@ def _validate_layout(loaded: LoadedModel) -> None:
             "this architecture is not supported"
         ) from None
     if n_blocks != loaded.spec.n_layers:
-        raise ValueError(f"{loaded.spec.name}: config says {loaded.spec.n_layers} layers but the model has {n_blocks}")
+        raise ValueError(f"{loaded.spec.name}: invalid checkpoint, the config lists {loaded.spec.n_layers} layers but the model has {n_blocks}")
 
 
 def ndif_settings_present() -> bool:

@@ -90,8 +90,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
-        # mkstemp creates files readable by the owner only; give the result the mode any new
-        # file would get, so shared run folders and the site stay readable.
+        # mkstemp creates files readable by the owner only. Give the result the mode any new
+        # file would get, so that shared run folders and the site stay readable.
         os.chmod(temporary_path, 0o666 & ~_umask())
         os.replace(temporary_path, target)
     finally:

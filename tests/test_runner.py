@@ -65,10 +65,12 @@ def test_run_manifest_records_provenance(data_run):
     assert "commit" in manifest["git"]
     assert manifest["started"] <= manifest["finished"]
     notebook = manifest["notebooks"][0]
-    assert notebook["notebook"] == "00_data.ipynb" and notebook["status"] == "ok"
+    assert notebook["notebook"] == "00_data.ipynb"
+    assert notebook["status"] == "ok"
     assert manifest["seeds"] == {"00_data.ipynb": "0"}
     model = json.loads((data_run / "model.json").read_text())
-    assert model["is_standin"] is True and model["n_layers"] == 4
+    assert model["is_standin"] is True
+    assert model["n_layers"] == 4
 
 
 def test_failing_notebook_stops_run(tmp_path):
